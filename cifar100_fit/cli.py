@@ -1,0 +1,93 @@
+"""The `fit` command line (python-fire): it checks arguments, then wires the parts together.
+
+Heavy libraries are imported inside the commands, after the arguments have been checked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import fire
+
+from .config import FLAGS, ConfigError, make_config
+from .files import DataError, load_cifar100
+from .runs import prepare_out, summary_line
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run; the message says what is accepted."""
+
+
+def _with_run_flags(command: Callable) -> Callable:
+    """Give `command(**flags)` a signature and an Args docstring listing every run flag.
+
+    fire reads both, so `fit run --help` shows each flag with its default and meaning.
+    """
+    own = [
+        p
+        for p in inspect.signature(command).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    flags = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=spec.default)
+        for name, spec in FLAGS.items()
+    ]
+    command.__signature__ = inspect.Signature(own + flags)
+    args = "\n".join(f"    {name}: {spec.metadata['help']}" for name, spec in FLAGS.items())
+    command.__doc__ = f"{inspect.cleandoc(command.__doc__)}\n\nArgs:\n{args}\n"
+    return command
+
+
+@_with_run_flags
+def run(**flags: Any) -> None:
+    """Train ResNet18 on CIFAR-100 with fastai's fit_one_cycle and log the run to W&B."""
+    config = make_config(**flags)
+    finished = prepare_out(config)
+    if finished is not None:
+        print(f"already finished: {summary_line(finished)}")
+        return
+    data = load_cifar100(config.data or None)
+
+    from .train import fit_run
+
+    print(summary_line(fit_run(config, data)))
+
+
+COMMANDS: dict[str, Callable] = {"run": run}
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse an unknown command or flag with one line, before fire prints a usage screen."""
+    if not argv or argv[0].startswith("-"):
+        return
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        raise UsageError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}")
+    parameters = inspect.signature(command).parameters
+    for token in argv[1:]:
+        if token == "--":
+            break
+        if not token.startswith("--") or token in ("--help", "--helpfull"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in parameters or (name.startswith("no") and name[2:] in parameters):
+            continue
+        accepted = ", ".join(f"--{p}" for p in parameters)
+        raise UsageError(f"unknown flag --{name} for 'fit {argv[0]}'; accepted: {accepted}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `fit` and `python -m cifar100_fit`."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_command_line(argv)
+        fire.Fire(COMMANDS, command=argv, name="fit")
+    except (UsageError, ConfigError, DataError) as error:
+        print(f"fit: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("fit: interrupted", file=sys.stderr)
+        sys.exit(130)

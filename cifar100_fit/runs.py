@@ -1,0 +1,100 @@
+"""Run folders: where a run writes, what an earlier run left there, and the closing summary line.
+
+Light on imports, so the CLI can refuse an unusable folder before torch loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE = "config.json", "summary.json", "model.pt"
+# Keys that say where things go or how they are logged; changing them does not change a run.
+PLACEMENT_KEYS = ("data", "out", "wandb", "project")
+
+
+def out_folder(config: RunConfig) -> Path:
+    """The run's folder: `--out`, else runs/<run name>."""
+    return Path(config.out) if config.out else Path("runs") / config.run_name
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it over `path`."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Write `content` as indented JSON to `path`, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when there is none."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"{path} is not valid JSON ({error}); move it away and run again"
+        ) from None
+
+
+def config_differences(saved: dict, config: RunConfig) -> list[str]:
+    """The keys whose values differ between a saved config and `config`, placement keys aside."""
+    current = config.to_dict()
+    keys = (set(saved) | set(current)) - set(PLACEMENT_KEYS)
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def prepare_out(config: RunConfig) -> dict | None:
+    """Check the run folder before any work: writable, and not holding a different run.
+
+    Returns the summary of a finished run of the same config, or None when there is work to do.
+    """
+    out = out_folder(config)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {out} cannot be created ({error.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} is not writable; pass a folder you can write to")
+    saved = read_json(out / CONFIG_FILE)
+    if saved is not None:
+        differing = config_differences(saved, config)
+        if differing:
+            changes = ", ".join(
+                f"{k} {saved.get(k)!r} -> {getattr(config, k, None)!r}" for k in differing
+            )
+            raise ConfigError(
+                f"--out {out} holds a run with another config ({changes}); "
+                f"pass another --out or move that folder away"
+            )
+    return read_json(out / SUMMARY_FILE)
+
+
+def summary_line(summary: dict) -> str:
+    """One line that closes a run: accuracies, epochs, wall time and where the results are."""
+    line = (
+        f"top-1 {summary['accuracy']:.2%}  top-5 {summary['top5_accuracy']:.2%}  "
+        f"best top-1 {summary['best_accuracy']:.2%}  {summary['epochs']} epochs  "
+        f"{summary['wall_s']:.1f} s  saved in {summary['out']}"
+    )
+    if summary.get("wandb_offline_dir"):
+        line += (
+            f"  W&B offline run: {summary['wandb_offline_dir']} (upload: wandb sync <that folder>)"
+        )
+    return line
