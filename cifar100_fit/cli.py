@@ -6,15 +6,18 @@ Heavy libraries are imported inside the commands, after the arguments have been 
 from __future__ import annotations
 
 import inspect
+import os
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fire
 
 from .config import FLAGS, ConfigError, make_config
 from .files import DataError, load_cifar100
-from .runs import prepare_out, summary_line
+from .runs import CHECKPOINT_FILE, is_main_process, out_folder, prepare_out, summary_line
 
 
 class UsageError(ValueError):
@@ -42,21 +45,63 @@ def _with_run_flags(command: Callable) -> Callable:
 
 
 @_with_run_flags
-def run(**flags: Any) -> None:
-    """Train ResNet18 on CIFAR-100 with fastai's fit_one_cycle and log the run to W&B."""
+def run(resume: bool = False, **flags: Any) -> None:
+    """Train ResNet18 on CIFAR-100 with fastai's fit_one_cycle and log the run to W&B.
+
+    A run saves a checkpoint after each epoch; running the same command again (or with
+    --resume, which insists on a checkpoint) continues after the last saved epoch. Under
+    `torchrun --nproc_per_node N -m cifar100_fit run` or `accelerate launch --multi_gpu
+    --num_processes N -m cifar100_fit run`, --bs is the global batch of one step (bs/N per
+    process) and must be a multiple of N.
+    """
     config = make_config(**flags)
     finished = prepare_out(config)
     if finished is not None:
-        print(f"already finished: {summary_line(finished)}")
+        if is_main_process():
+            print(f"already finished: {summary_line(finished)}")
         return
+    if resume and not (out_folder(config) / CHECKPOINT_FILE).is_file():
+        raise UsageError(
+            f"--resume: no {CHECKPOINT_FILE} in {out_folder(config)}; "
+            "run without --resume to start this run"
+        )
     data = load_cifar100(config.data or None)
 
     from .train import fit_run
 
-    print(summary_line(fit_run(config, data)))
+    summary = fit_run(config, data)
+    if summary is not None:
+        print(summary_line(summary))
 
 
-COMMANDS: dict[str, Callable] = {"run": run}
+def evaluate(path: str, tta: bool = False, data: str = "", bs: int = 0) -> None:
+    """Report top-1/top-5 accuracy on the test images of a saved run.
+
+    Args:
+        path: a run's model.pt (with config.json beside it) or checkpoint.pt
+        tta: also average the predictions of horizontally flipped images
+        data: folder holding cifar-100-python/ (default: the run's --data)
+        bs: batch size as in `fit run --bs` (default: the run's); evaluation uses twice it
+    """
+    from .evaluate import evaluate_file
+
+    print(evaluate_file(path, tta=bool(tta), data=data, bs=int(bs)).line)
+
+
+COMMANDS: dict[str, Callable] = {"run": run, "evaluate": evaluate}
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        launcher = f"torchrun --nproc_per_node {processes} -m cifar100_fit"
+    elif Path(sys.argv[0]).name == "__main__.py":
+        launcher = "python -m cifar100_fit"
+    else:
+        launcher = "fit"
+    resume = [] if "--resume" in argv else ["--resume"]
+    return f"{launcher} {shlex.join(argv + resume)}"
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -88,6 +133,21 @@ def main(argv: list[str] | None = None) -> None:
     except (UsageError, ConfigError, DataError) as error:
         print(f"fit: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("fit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        if is_main_process():
+            print(f"fit: {interrupted_message(interrupt, argv)}", file=sys.stderr)
         sys.exit(130)
+
+
+def interrupted_message(interrupt: KeyboardInterrupt, argv: list[str]) -> str:
+    """What an interrupted run kept, and the command that continues it."""
+    epochs_done = getattr(interrupt, "epochs_done", None)
+    if epochs_done is None:
+        return "interrupted"
+    if epochs_done == 0:
+        return "interrupted before the first epoch ended; nothing to resume, run it again to start"
+    checkpoint = Path(interrupt.out) / CHECKPOINT_FILE
+    return (
+        f"interrupted; epochs 1-{epochs_done} of {interrupt.epochs} are saved in {checkpoint}; "
+        f"resume with: {resume_command(argv)}"
+    )

@@ -15,8 +15,18 @@ from typing import Any
 from .config import ConfigError, RunConfig
 
 CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE = "config.json", "summary.json", "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
 # Keys that say where things go or how they are logged; changing them does not change a run.
 PLACEMENT_KEYS = ("data", "out", "wandb", "project")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or weights file that cannot be used: corrupt, unsafe, or of another run."""
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes: the only one, or rank 0 under torchrun/accelerate."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def out_folder(config: RunConfig) -> Path:
@@ -70,8 +80,7 @@ def prepare_out(config: RunConfig) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--out {out} cannot be created ({error.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out} is not writable; pass a folder you can write to")
+    _check_writable(out)
     saved = read_json(out / CONFIG_FILE)
     if saved is not None:
         differing = config_differences(saved, config)
@@ -84,6 +93,18 @@ def prepare_out(config: RunConfig) -> dict | None:
                 f"pass another --out or move that folder away"
             )
     return read_json(out / SUMMARY_FILE)
+
+
+def _check_writable(out: Path) -> None:
+    # os.access says yes to root even on a read-only mount, so write and remove a probe file
+    try:
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
+    except OSError as error:
+        raise ConfigError(
+            f"--out {out} is not writable ({error.strerror}); pass a folder you can write to"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def summary_line(summary: dict) -> str:

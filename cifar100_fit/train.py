@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelEpochException
 from fastai.learner import Learner, Metric
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
@@ -17,8 +16,17 @@ from torch import nn
 from .config import RunConfig, make_config
 from .data import Cifar100, cifar100_dls, load_cifar100
 from .model import create_model
-from .runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, atomic_write, out_folder, write_json
-from .tracking import WandbLogger, run_folder, start_run
+from .runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    atomic_write,
+    is_main_process,
+    out_folder,
+    write_json,
+)
+from .tracking import WandbLogger, run_folder
 
 # The study trained with torch's AdamW and OneCycleLR; these keep its optimizer and schedule
 # rather than fastai's defaults (eps 1e-5, sqr_mom 0.99, pct_start 0.25, div_final 1e5).
@@ -104,6 +112,13 @@ class CifarLearner(Learner):
             n_epoch, lr_max, div=div, div_final=div_final, pct_start=pct_start, **kwargs
         )
 
+    def _do_fit(self) -> None:
+        # A resumed run starts at `first_epoch`; fastai's own start_epoch would still run every
+        # skipped epoch's callbacks and log empty rows. The schedule reads epoch / n_epoch.
+        for epoch in range(getattr(self, "first_epoch", 0), self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, "epoch", CancelEpochException)
+
 
 def adamw(params, lr: float, **kwargs) -> OptimWrapper:
     """torch's AdamW (decoupled weight decay: p <- p - lr*wd*p) wrapped for fastai's schedules."""
@@ -166,21 +181,40 @@ def _precision(requested: str, on_cuda: bool) -> str:
     return requested
 
 
-def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any]:
-    """Train one run as `config` says, log it to W&B and save it; return its summary."""
+def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] | None:
+    """Train one run as `config` says, log it to W&B and save it; return its summary.
+
+    Continues from `checkpoint.pt` in the run folder when one is there. Under torchrun or
+    accelerate every process trains its shard; rank 0 logs and saves, and alone gets the summary.
+    """
+    from .checkpoint import RunInterrupted, sigterm_as_interrupt, start_or_resume
+    from .distributed import data_parallel, prepare_process
+
     out = out_folder(config)
     config = make_config(**{**config.to_dict(), "out": str(out)})
-    learn = cifar100_learner(config, data)
-    write_json(out / CONFIG_FILE, config.to_dict())
-    run = start_run(config, out)
+    prepare_process(config)
+    learn = data_parallel(cifar100_learner(config, data), config)
+    if is_main_process():
+        write_json(out / CONFIG_FILE, config.to_dict())
+    checkpoint, run = start_or_resume(learn, config, out / CHECKPOINT_FILE)
     try:
-        start = time.perf_counter()
-        learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=WandbLogger())
-        summary = _summary(learn, config, time.perf_counter() - start, run)
+        with sigterm_as_interrupt():
+            cbs = [checkpoint] + ([WandbLogger()] if run is not None else [])
+            learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=cbs)
+        if run is None:
+            return None
+        summary = _summary(learn, config, checkpoint.wall_s, run)
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         save_run(learn, config, summary)
+    except KeyboardInterrupt:
+        if run is not None:
+            run.mark_preempting()
+            run.finish(exit_code=130)  # marks the W&B run as failed, not finished
+            run = None
+        raise RunInterrupted(out, checkpoint.epochs_done, config.epochs) from None
     finally:
-        run.finish()
+        if run is not None:
+            run.finish()
     return summary
 
 
@@ -205,5 +239,8 @@ def _summary(learn: Learner, config: RunConfig, wall: float, run) -> dict[str, A
 def save_run(learn: Learner, config: RunConfig, summary: dict[str, Any]) -> None:
     """Write the weights (`model.pt`), then `summary.json`, into the run folder."""
     out = Path(config.out)
-    atomic_write(out / WEIGHTS_FILE, lambda path: torch.save(learn.model.state_dict(), path))
+    model = getattr(learn.model, "module", learn.model)  # the model inside DDP
+    atomic_write(out / WEIGHTS_FILE, lambda path: torch.save(model.state_dict(), path))
     write_json(out / SUMMARY_FILE, summary)
+    # a finished run is never resumed: its checkpoint (model, optimizer, RNG) is dead weight
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
