@@ -55,12 +55,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except pickle.UnpicklingError as error:
-        if "weights only load failed" in str(error).lower():
+        # weights-only loading names a refused import ("Unsupported global"); an opcode it does
+        # not know ("Unsupported operand") means bytes that are no pickle at all
+        if "unsupported operand" not in str(error).lower():
             raise CheckpointError(
                 f"{path} refused: it holds Python objects that would run code when loaded; "
                 "only tensors and plain values are accepted"
             ) from None
-        raise CheckpointError(f"{path} is corrupt ({_first_line(error)}); delete it") from None
+        raise CheckpointError(
+            f"{path} is corrupt or not a checkpoint (no valid pickle); "
+            "delete it to start the run again"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise CheckpointError(
             f"{path} is corrupt or truncated ({_first_line(error)}); "
@@ -166,7 +171,7 @@ class Checkpointer(Callback):
         # fastai finds `n_inp` by pushing one item through the training transforms (drawing
         # crop/flip random numbers) the first time a batch is split; force that now, before
         # any RNG restore, or a resumed run draws it inside its first epoch and diverges
-        _ = self.learn.dls.n_inp
+        _ = unwrapped_dl(self.learn.dls.train).n_inp
         if not self.state:
             return
         state = self.state

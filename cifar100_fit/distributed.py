@@ -58,6 +58,12 @@ def data_parallel(learn: Learner, config: RunConfig) -> Learner:
         return learn
     on_cuda = learn.dls.device.type == "cuda"
     learn.add_cb(ShardTrainer(sync_bn=on_cuda, cpu=not on_cuda))
+    if rank() == 0:
+        backend = "nccl" if on_cuda else "gloo"
+        print(
+            f"DistributedDataParallel over {world_size()} processes ({backend}): "
+            f"{config.bs // world_size()} images per process per step, global batch {config.bs}"
+        )
     if rank():
         learn.remove_cb(ProgressCallback)
         # every process draws the same crops from the same seed otherwise
