@@ -25,10 +25,19 @@ from fastai.callback.wandb import WandbCallback
 from fastai.learner import Learner
 
 from .config import RunConfig
-from .runs import CheckpointError, atomic_write, config_differences, is_main_process
+from .runs import (
+    CheckpointError,
+    atomic_write,
+    config_differences,
+    is_main_process,
+    read_json,
+    write_json,
+)
 from .tracking import start_run
 
 FORMAT = 1
+# Written when an interrupted run finished its W&B run cleanly: how many epochs W&B holds.
+WANDB_KEPT_FILE = "wandb-kept.json"
 KEYS = ("format", "config", "epoch", "n_epoch", "model", "opt", "rng", "history", "wandb")
 
 
@@ -160,6 +169,7 @@ class Checkpointer(Callback):
         self.path, self.config, self.wandb_id, self.state = path, config, wandb_id, state
         self.wall_before = float(state.get("wall_s", 0.0)) if state else 0.0
         self.epochs_done, self.start = self.first_epoch, time.perf_counter()
+        self.epoch_steps = list(state["wandb"].get("epoch_steps", [])) if state else []
 
     @property
     def first_epoch(self) -> int:
@@ -184,9 +194,25 @@ class Checkpointer(Callback):
         logger = self._wandb_logger()
         if logger is not None:
             logger._wandb_step, logger._wandb_epoch = state["wandb"]["step"], self.first_epoch
+            self._log_lost_epochs()
         mbar = getattr(getattr(self.learn, "progress", None), "mbar", None)
         if mbar is not None:
             mbar.update(0)  # the epoch bar must start at 0 before it can jump to first_epoch
+
+    def _log_lost_epochs(self) -> None:
+        """Log again the saved epochs' rows that no W&B file or server holds.
+
+        wandb-core buffers an offline run's file, so a SIGKILL loses the whole session's rows; a
+        clean interrupt writes WANDB_KEPT_FILE. Steps the server already has are skipped.
+        """
+        kept = read_json(self.path.parent / WANDB_KEPT_FILE) or {}
+        kept_epochs = kept.get("epochs", 0) if kept.get("id") == self.wandb_id else 0
+        names = self.learn.recorder.metric_names[1:-1]
+        steps, rows = self.state["wandb"]["epoch_steps"], self.state["history"]["values"]
+        for epoch, (step, values) in enumerate(zip(steps, rows)):
+            if epoch >= kept_epochs and step >= wandb.run.step:
+                wandb.log({"epoch": epoch + 1, **dict(zip(names, values))}, step=step)
+        wandb.run.log({}, commit=True)
 
     def before_epoch(self) -> None:
         # the RNG states are those right after the saved epoch: restore them just before the
@@ -197,6 +223,10 @@ class Checkpointer(Callback):
 
     def after_epoch(self) -> None:
         rng = _all_ranks(rng_state(self.learn))
+        logger = self._wandb_logger()
+        if logger is not None:
+            self.epoch_steps.append(logger._wandb_step)
+            wandb.run.log({}, commit=True)  # W&B holds a step's row until the next step
         if is_main_process():
             atomic_write(self.path, lambda tmp: torch.save(self._state(rng), tmp))
         self.epochs_done = self.epoch + 1
@@ -217,7 +247,11 @@ class Checkpointer(Callback):
                 smooth_count=recorder.smooth_loss.count,
                 smooth_val=recorder.smooth_loss.val,
             ),
-            wandb=dict(id=self.wandb_id, step=logger._wandb_step if logger else -1),
+            wandb=dict(
+                id=self.wandb_id,
+                step=logger._wandb_step if logger else -1,
+                epoch_steps=list(self.epoch_steps),
+            ),
             wall_s=self.wall_s,
         )
 
@@ -250,6 +284,11 @@ def start_or_resume(
         return checkpoint, None
     run = start_run(config, path.parent, id=wandb_id, resume="allow")
     return checkpoint, run
+
+
+def note_wandb_kept(out: Path, wandb_id: str, epochs: int) -> None:
+    """Record that the W&B files hold the rows of `epochs` epochs (after a clean finish)."""
+    write_json(out / WANDB_KEPT_FILE, dict(id=wandb_id, epochs=epochs))
 
 
 def _rank() -> int:

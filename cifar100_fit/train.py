@@ -187,7 +187,7 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] |
     Continues from `checkpoint.pt` in the run folder when one is there. Under torchrun or
     accelerate every process trains its shard; rank 0 logs and saves, and alone gets the summary.
     """
-    from .checkpoint import RunInterrupted, sigterm_as_interrupt, start_or_resume
+    from .checkpoint import RunInterrupted, note_wandb_kept, sigterm_as_interrupt, start_or_resume
     from .distributed import data_parallel, prepare_process
 
     out = out_folder(config)
@@ -210,6 +210,7 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] |
         if run is not None:
             run.mark_preempting()
             run.finish(exit_code=130)  # marks the W&B run as failed, not finished
+            note_wandb_kept(out, run.id, checkpoint.epochs_done)
             run = None
         raise RunInterrupted(out, checkpoint.epochs_done, config.epochs) from None
     finally:
