@@ -40,7 +40,9 @@ def _with_run_flags(command: Callable) -> Callable:
     ]
     command.__signature__ = inspect.Signature(own + flags)
     args = "\n".join(f"    {name}: {spec.metadata['help']}" for name, spec in FLAGS.items())
-    command.__doc__ = f"{inspect.cleandoc(command.__doc__)}\n\nArgs:\n{args}\n"
+    doc = inspect.cleandoc(command.__doc__)
+    # a command's own Args section comes first; the run flags continue it
+    command.__doc__ = f"{doc}\n{args}\n" if "\nArgs:\n" in doc else f"{doc}\n\nArgs:\n{args}\n"
     return command
 
 
@@ -53,6 +55,9 @@ def run(resume: bool = False, **flags: Any) -> None:
     `torchrun --nproc_per_node N -m cifar100_fit run` or `accelerate launch --multi_gpu
     --num_processes N -m cifar100_fit run`, --bs is the global batch of one step (bs/N per
     process) and must be a multiple of N.
+
+    Args:
+        resume: continue the run in --out from its checkpoint.pt; refused when there is none
     """
     config = make_config(**flags)
     finished = prepare_out(config)

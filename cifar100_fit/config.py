@@ -29,7 +29,9 @@ def _flag(default: Any, help: str, **check: Any) -> Any:
 class RunConfig:
     """Everything that defines a training run; saved with the run and sent to W&B."""
 
-    bs: int = _flag(256, "batch size of one optimizer step", low=1)
+    bs: int = _flag(
+        256, "batch size of one optimizer step, over all processes (N processes: bs/N each)", low=1
+    )
     epochs: int = _flag(30, "number of epochs of the one-cycle schedule", low=1)
     lr: float = _flag(0.015, "peak learning rate of the one-cycle schedule", low=0, open_low=True)
     wd: float = _flag(0.18, "decoupled weight decay (AdamW): each step p <- p - lr*wd*p", low=0)

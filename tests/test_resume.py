@@ -120,6 +120,9 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 0  # epoch 1 of 3 saved
+    first_epoch = json.loads((reference / "summary.json").read_text())["history"][0]
+    evaluation = run_cli("evaluate", str(out / "checkpoint.pt"))
+    assert evaluation.stdout.startswith(f"top-1 {first_epoch['accuracy']:.2%}  "), evaluation
 
     result = run_cli(*tiny_run(real_data, out, "--resume"))
 
