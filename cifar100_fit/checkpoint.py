@@ -159,11 +159,11 @@ def _all_ranks(value: Any) -> list[Any]:
 class Checkpointer(Callback):
     """Save a checkpoint after every epoch (rank 0 writes) and continue from one at `before_fit`.
 
-    Runs after the Recorder (50), the W&B logger (51) and the progress bar (60), so the epoch it
-    saves is already recorded and logged.
+    Saves after the Recorder (50) has the epoch's metrics and before the W&B logger (51) logs
+    them, so W&B never shows an epoch that a resumed run would train again.
     """
 
-    order = 70
+    order = 50.5
 
     def __init__(self, path: Path, config: RunConfig, wandb_id: str, state: dict | None = None):
         self.path, self.config, self.wandb_id, self.state = path, config, wandb_id, state
@@ -191,13 +191,6 @@ class Checkpointer(Callback):
         recorder.values = [list(values) for values in state["history"]["values"]]
         recorder.smooth_loss.count = state["history"]["smooth_count"]
         recorder.smooth_loss.val = state["history"]["smooth_val"]
-        logger = self._wandb_logger()
-        if logger is not None:
-            logger._wandb_step, logger._wandb_epoch = state["wandb"]["step"], self.first_epoch
-            self._log_lost_epochs()
-        mbar = getattr(getattr(self.learn, "progress", None), "mbar", None)
-        if mbar is not None:
-            mbar.update(0)  # the epoch bar must start at 0 before it can jump to first_epoch
 
     def _log_lost_epochs(self) -> None:
         """Log again the saved epochs' rows that no W&B file or server holds.
@@ -215,18 +208,27 @@ class Checkpointer(Callback):
         wandb.run.log({}, commit=True)
 
     def before_epoch(self) -> None:
-        # the RNG states are those right after the saved epoch: restore them just before the
-        # next one, after all setup that draws random numbers
-        if self.state and self.epoch == self.first_epoch:
-            ranks = self.state["rng"]
-            set_rng_state(self.learn, ranks[_rank() if _rank() < len(ranks) else 0])
+        if not (self.state and self.epoch == self.first_epoch):
+            return
+        # the W&B logger and the progress bar set themselves up in before_fit, after this
+        # callback's (order 51 and 60): continue their counts here
+        logger = self._wandb_logger()
+        if logger is not None:
+            logger._wandb_step, logger._wandb_epoch = self.state["wandb"]["step"], self.epoch
+            self._log_lost_epochs()
+        mbar = getattr(getattr(self.learn, "progress", None), "mbar", None)
+        if mbar is not None:
+            mbar.update(0)  # the epoch bar must start at 0 before it can jump to first_epoch
+        # the RNG states are those right after the saved epoch: restore them last, after all
+        # setup that draws random numbers
+        ranks = self.state["rng"]
+        set_rng_state(self.learn, ranks[_rank() if _rank() < len(ranks) else 0])
 
     def after_epoch(self) -> None:
         rng = _all_ranks(rng_state(self.learn))
         logger = self._wandb_logger()
         if logger is not None:
             self.epoch_steps.append(logger._wandb_step)
-            wandb.run.log({}, commit=True)  # W&B holds a step's row until the next step
         if is_main_process():
             atomic_write(self.path, lambda tmp: torch.save(self._state(rng), tmp))
         self.epochs_done = self.epoch + 1
@@ -284,6 +286,20 @@ def start_or_resume(
         return checkpoint, None
     run = start_run(config, path.parent, id=wandb_id, resume="allow")
     return checkpoint, run
+
+
+class WandbRowSent(Callback):
+    """Send each epoch's W&B row at once (W&B holds a step's row until the next step) and count
+    the rows sent, so an interrupted run can say which epochs its W&B files hold."""
+
+    order = 52  # after the W&B logger's after_epoch
+
+    def __init__(self, first_epoch: int):
+        self.epochs_sent = first_epoch
+
+    def after_epoch(self) -> None:
+        wandb.run.log({}, commit=True)
+        self.epochs_sent = self.epoch + 1
 
 
 def note_wandb_kept(out: Path, wandb_id: str, epochs: int) -> None:

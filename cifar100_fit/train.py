@@ -187,7 +187,13 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] |
     Continues from `checkpoint.pt` in the run folder when one is there. Under torchrun or
     accelerate every process trains its shard; rank 0 logs and saves, and alone gets the summary.
     """
-    from .checkpoint import RunInterrupted, note_wandb_kept, sigterm_as_interrupt, start_or_resume
+    from .checkpoint import (
+        RunInterrupted,
+        WandbRowSent,
+        note_wandb_kept,
+        sigterm_as_interrupt,
+        start_or_resume,
+    )
     from .distributed import data_parallel, prepare_process
 
     out = out_folder(config)
@@ -197,9 +203,10 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] |
     if is_main_process():
         write_json(out / CONFIG_FILE, config.to_dict())
     checkpoint, run = start_or_resume(learn, config, out / CHECKPOINT_FILE)
+    sent = WandbRowSent(checkpoint.first_epoch)
     try:
         with sigterm_as_interrupt():
-            cbs = [checkpoint] + ([WandbLogger()] if run is not None else [])
+            cbs = [checkpoint] + ([WandbLogger(), sent] if run is not None else [])
             learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=cbs)
         if run is None:
             return None
@@ -210,7 +217,7 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] |
         if run is not None:
             run.mark_preempting()
             run.finish(exit_code=130)  # marks the W&B run as failed, not finished
-            note_wandb_kept(out, run.id, checkpoint.epochs_done)
+            note_wandb_kept(out, run.id, sent.epochs_sent)
             run = None
         raise RunInterrupted(out, checkpoint.epochs_done, config.epochs) from None
     finally:
