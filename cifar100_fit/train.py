@@ -171,6 +171,7 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any]:
     out = out_folder(config)
     config = make_config(**{**config.to_dict(), "out": str(out)})
     learn = cifar100_learner(config, data)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, config.to_dict())
     run = start_run(config, out)
     try:
