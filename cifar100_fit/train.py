@@ -14,7 +14,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .config import RunConfig, make_config
+from .config import ConfigError, RunConfig, make_config
 from .data import Cifar100, cifar100_dls, load_cifar100
 from .model import create_model
 from .runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, atomic_write, out_folder, write_json
@@ -162,7 +162,7 @@ def _precision(requested: str, on_cuda: bool) -> str:
     if requested == "auto":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
     if requested != "fp32" and not on_cuda:
-        raise ValueError(f"--precision {requested} needs a CUDA GPU; use fp32 or auto on the CPU")
+        raise ConfigError(f"--precision {requested} needs a CUDA GPU; use fp32 or auto on the CPU")
     return requested
 
 

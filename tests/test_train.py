@@ -6,7 +6,7 @@ import torch
 from fastai.learner import Learner
 
 from cifar100_fit import cifar100_learner
-from cifar100_fit.config import make_config
+from cifar100_fit.config import ConfigError, make_config
 from cifar100_fit.data import load_cifar100
 from cifar100_fit.tracking import read_offline_run
 from cifar100_fit.train import DIV_FINAL, PCT_START, fit_run
@@ -106,3 +106,14 @@ def test_fit_run_on_real_data_saves_weights_and_an_offline_wandb_run(tmp_path, r
     epochs = [row["epoch"] for row in run.history if "accuracy" in row]
     assert epochs == [1, 2]
     assert run.exit_code == 0
+
+
+def test_half_precision_on_the_cpu_is_refused_with_the_fix(tiny_data):
+    with pytest.raises(ConfigError, match="--precision bf16 needs a CUDA GPU; use fp32 or auto"):
+        cifar100_learner(precision="bf16", data=load_cifar100(tiny_data))
+
+
+def test_lr_find_runs_and_suggests_a_learning_rate(tiny_data):
+    learn = cifar100_learner(bs=50, data=load_cifar100(tiny_data))
+    suggestion = learn.lr_find(end_lr=1, num_it=8, show_plot=False)
+    assert 1e-7 < suggestion.valley < 1
