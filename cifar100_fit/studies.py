@@ -6,6 +6,7 @@ Every argument is checked before torch, fastai or wandb load, so bad input fails
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from .config import ConfigError
@@ -50,7 +51,9 @@ def sweep_command(config: str, count: Any, controller: str, flags: dict[str, Any
 def _default_controller(flags: dict[str, Any]) -> str:
     if flags.get("wandb") in ("offline", "disabled"):
         return "local"
-    from .tracking import logged_in, resolve_mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # importing fastai warns about torch.jit; not ours to fix
+        from .tracking import logged_in, resolve_mode
 
     return "wandb" if logged_in() and resolve_mode(flags.get("wandb", "")) == "online" else "local"
 

@@ -81,30 +81,27 @@ def schema_problems(config: dict[str, Any]) -> list[str]:
 def _parameter_problem(config: dict[str, Any], problem: str) -> str:
     name = problem.rsplit(":", 1)[-1].strip()
     spec = config["parameters"].get(name)
-    definitions = dereferenced_sweep_config_jsonschema["definitions"]
-    chosen = [
-        d
-        for d in definitions.values()
-        if isinstance(spec, dict)
-        and spec.get("distribution")
-        in d.get("properties", {}).get("distribution", {}).get("enum", ())
-    ]
-    if not chosen:
-        accepted = sorted(
-            {
-                v
-                for d in definitions.values()
-                for v in d.get("properties", {}).get("distribution", {}).get("enum", ())
-            }
-        )
-        given = spec.get("distribution") if isinstance(spec, dict) else spec
+    schemas = _distribution_schemas()
+    given = spec.get("distribution") if isinstance(spec, dict) else None
+    if given not in schemas:
         return (
             f"parameter {name}: distribution {given!r} is not accepted "
-            f"(one of: {', '.join(accepted)}; or value: / values:)"
+            f"(one of: {', '.join(sorted(schemas))}; or value: / values:)"
         )
-    errors = sorted(jsonschema.Draft7Validator(chosen[0]).iter_errors(spec), key=str)
+    errors = sorted(jsonschema.Draft7Validator(schemas[given]).iter_errors(spec), key=str)
     details = ", ".join(f"{'.'.join(map(str, e.path)) or 'it'}: {e.message}" for e in errors)
-    return f"parameter {name} ({spec['distribution']}): {details}"
+    return f"parameter {name} ({given}): {details}"
+
+
+def _distribution_schemas() -> dict[str, dict]:
+    """Each distribution name of the sweeps schema and the schema of its parameter entry."""
+    schemas = {}
+    for definition in dereferenced_sweep_config_jsonschema["definitions"].values():
+        # some definitions list variants (e.g. uniform with int or float bounds): the first speaks
+        definition = definition.get("anyOf", [definition])[0]
+        names = definition.get("properties", {}).get("distribution", {}).get("enum", ())
+        schemas.update({name: definition for name in names})
+    return schemas
 
 
 def _check_run_flags(path: Path, config: dict[str, Any]) -> None:
@@ -246,7 +243,6 @@ def _train_trial(trial, config, shared, folder, trials, data, train) -> None:
     except ConfigError as error:
         trial.update(status=FAILED, error=f"ConfigError: {error}")
         return
-    out.mkdir(parents=True, exist_ok=True)
     cbs = [hyperband_callback(config, trials, trial)] if "early_terminate" in config else []
     name = f"{folder.name}-{trial['name']}"
     run_trial(trial, run_config, data, train, cbs=cbs, group=folder.name, name=name)
@@ -343,7 +339,9 @@ def sweep_params() -> dict[str, Any]:
 
 
 def _require_login() -> None:
-    from .tracking import logged_in
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # importing fastai warns about torch.jit; not ours to fix
+        from .tracking import logged_in
 
     if not logged_in():
         raise ConfigError(

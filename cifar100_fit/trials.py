@@ -123,4 +123,5 @@ def fit_trial(config: RunConfig, data: Any, **kwargs: Any) -> dict[str, Any]:
     """The default trainer of a trial: `train.fit_run`, imported when the first trial starts."""
     from .train import fit_run
 
+    Path(config.out).mkdir(parents=True, exist_ok=True)  # fit_run writes config.json first
     return fit_run(config, data, **kwargs)
