@@ -178,7 +178,10 @@ def box_plot(state: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     settings = repeat_settings(state)
     figure, axes = plt.subplots(figsize=(6.4, 4.8))
-    axes.boxplot(list(settings.values()), labels=list(settings))
+    axes.boxplot(list(settings.values()))
+    axes.set_xticks(
+        range(1, len(settings) + 1), list(settings)
+    )  # boxplot's own keyword was renamed
     for position, values in enumerate(settings.values(), start=1):
         axes.plot([position] * len(values), values, "o", alpha=0.5, color="tab:blue")
     axes.set(ylabel="final top-1 accuracy", title=f"repeat {state['name']}")

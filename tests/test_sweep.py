@@ -464,3 +464,33 @@ def test_cloud_path_without_a_login_says_so_in_one_line(tmp_path: Path, args: li
         "fit: error: --controller wandb needs a W&B login (run `wandb login` or set "
         "WANDB_API_KEY) and network access; without them use --controller local"
     )
+
+
+@pytest.mark.slow
+def test_hyperband_stops_a_trial_behind_the_finished_ones(tmp_path: Path, small_data: Path):
+    from cifar100_fit.sweep import fixed_values
+    from cifar100_fit.trials import identity_flags, save_state
+
+    config = study_config(early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2})
+    path = write_yaml(tmp_path / "hyperband.yaml", config)
+    flags = {**FAST_FLAGS, "epochs": 3, "data": str(small_data)}
+    folder = tmp_path / "sweep"
+    identity = {"sweep_config": config, "flags": identity_flags({**fixed_values(config), **flags})}
+    state = open_state(folder, "sweep", {"name": folder.name, **identity})
+    # three finished trials far ahead at every epoch: a new trial on tiny data falls behind
+    history = [{"accuracy": 0.5}, {"accuracy": 0.6}, {"accuracy": 0.7}]
+    state["trials"] = [
+        {
+            "name": f"trial-00{i}",
+            "params": {"lr": 0.02 + i / 100, "wd": 0.1},
+            "status": "finished",
+            "accuracy": 0.7,
+            "history": history,
+        }
+        for i in range(3)
+    ]
+    save_state(folder, state)
+    state = local_sweep(str(path), 4, {**flags, "out": str(folder)}, log=lambda line: None)
+    new = state["trials"][3]
+    assert new["status"] == "stopped" and len(new["history"]) == 1, new
+    assert "(stopped after 1 epochs)" not in new.get("error", "")
