@@ -493,4 +493,22 @@ def test_hyperband_stops_a_trial_behind_the_finished_ones(tmp_path: Path, small_
     state = local_sweep(str(path), 4, {**flags, "out": str(folder)}, log=lambda line: None)
     new = state["trials"][3]
     assert new["status"] == "stopped" and len(new["history"]) == 1, new
-    assert "(stopped after 1 epochs)" not in new.get("error", "")
+    assert json.loads(Path(new["out"], "summary.json").read_text())["accuracy"] == new["accuracy"]
+
+
+@pytest.mark.slow
+def test_cloud_sweep_without_network_says_so_in_one_line(tmp_path: Path):
+    # a key that looks real, and a server address where nothing listens
+    env = {
+        "WANDB_API_KEY": "0" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_MODE": "online",
+        "HOME": str(tmp_path),
+    }
+    result = run_cli(
+        "sweep", "configs/bs256-e30.yaml", "--controller", "wandb", env=env, timeout=300
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fit: error:")]
+    assert len(errors) == 1 and "W&B could not create the sweep (" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
