@@ -15,11 +15,11 @@ from .report import report
 from .sweep import CONTROLLERS, load_sweep, run_flags, sweep_folder
 
 
-def check_count(count: Any, zero_ok: bool = False) -> int:
+def check_count(count: Any, zero_ok: bool = False, flag: str = "--count") -> int:
     """A trial count: a whole number >= 1 (>= 0 where 0 means no limit)."""
     low = 0 if zero_ok else 1
     if isinstance(count, bool) or not isinstance(count, int) or count < low:
-        raise ConfigError(f"--count {count!r} is not accepted; pass a whole number >= {low}")
+        raise ConfigError(f"{flag} {count!r} is not accepted; pass a whole number >= {low}")
     return count
 
 
@@ -79,5 +79,5 @@ def repeat_command(epochs: Any, times: Any, flags: dict[str, Any]) -> None:
 
 def report_command(folder: str, top: Any) -> None:
     """`fit report`: print and write the report of a sweep or repeat folder."""
-    top = check_count(top)
+    top = check_count(top, flag="--top")
     print(report(folder, top))

@@ -151,6 +151,11 @@ def test_yaml_that_does_not_parse_is_refused(tmp_path: Path):
         (["repeat", "--epochs", "30,0"], r"is not a list of epoch counts; pass whole numbers"),
         (["repeat", "--seed", "3"], r"fit repeat trains seeds 0..N-1 .*; drop --seed"),
         (["report", "configs"], r"configs holds no sweep.json or repeat.json"),
+        (["report", "configs", "--top", "0"], r"--top 0 is not accepted"),
+        (
+            ["agent", "abc", "--count", "-1"],
+            r"--count -1 is not accepted; pass a whole number >= 0",
+        ),
     ],
 )
 def test_bad_command_line_gives_one_line_and_exit_2(args: list[str], message: str):
