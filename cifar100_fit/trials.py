@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
-from .runs import PLACEMENT_KEYS, read_json, write_json
+from .runs import CONFIG_FILE, PLACEMENT_KEYS, read_json, write_json
 
 FINISHED, STOPPED, FAILED, RUNNING, INTERRUPTED = (
     "finished",
@@ -53,6 +53,8 @@ def open_state(folder: Path, kind: str, identity: dict[str, Any]) -> dict[str, A
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--out {folder} cannot be created ({error.strerror})") from None
+    if (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"--out {folder} holds a `fit run` run, not a {kind}; pass another --out")
     path = folder / f"{kind}.json"
     other = [p.name for p in folder.glob("*.json") if p.name in ("sweep.json", "repeat.json")]
     if other and other != [path.name]:

@@ -245,6 +245,12 @@ def test_a_folder_holding_another_sweep_is_refused_and_left_alone(tmp_path: Path
     with pytest.raises(ConfigError, match=r"holds a sweep, not a repeat; pass another --out"):
         open_state(folder, "repeat", {"name": folder.name, "flags": {}})
     assert (folder / "sweep.json").read_bytes() == before
+    run_folder = tmp_path / "a-run"
+    run_folder.mkdir()
+    (run_folder / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"a-run holds a `fit run` run, not a sweep"):
+        open_state(run_folder, "sweep", {"name": "a-run"})
+    assert sorted(p.name for p in run_folder.iterdir()) == ["config.json"]
 
 
 @pytest.mark.slow
