@@ -166,17 +166,26 @@ def _precision(requested: str, on_cuda: bool) -> str:
     return requested
 
 
-def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any]:
-    """Train one run as `config` says, log it to W&B and save it; return its summary."""
+def fit_run(
+    config: RunConfig, data: Cifar100 | None = None, cbs: list | None = None, **init_kwargs: Any
+) -> dict[str, Any]:
+    """Train one run as `config` says, log it to W&B and save it; return its summary.
+
+    Args:
+        cbs: extra fastai callbacks for this fit, e.g. a sweep's early-stopping rule.
+        init_kwargs: passed on to `wandb.init`, e.g. `group=` to gather a sweep's runs.
+    """
     out = out_folder(config)
     config = make_config(**{**config.to_dict(), "out": str(out)})
     learn = cifar100_learner(config, data)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, config.to_dict())
-    run = start_run(config, out)
+    run = start_run(config, out, **init_kwargs)
     try:
         start = time.perf_counter()
-        learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=WandbLogger())
+        learn.fit_one_cycle(
+            config.epochs, config.lr, wd=config.wd, cbs=[WandbLogger(), *(cbs or [])]
+        )
         summary = _summary(learn, config, time.perf_counter() - start, run)
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         save_run(learn, config, summary)
