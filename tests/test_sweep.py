@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_cli, write_cifar_pickles
+from conftest import ROOT, run_cli
 
 from cifar100_fit.config import ConfigError
 from cifar100_fit.repeat import parse_epochs
@@ -27,17 +26,6 @@ STUDY = {(128, 30), (256, 30), (256, 50), (256, 70), (512, 25), (512, 50), (1024
 # A trial of a few seconds on 2 CPU cores: 100 train and 50 valid images, the ImageNet stem.
 FAST = ("--epochs", "1", "--bs", "50", "--subset", "0.25", "--arch", "resnet18")
 FAST_FLAGS = {"epochs": 1, "bs": 50, "subset": 0.25, "arch": "resnet18"}
-
-
-@pytest.fixture
-def small_data(tmp_path: Path) -> Path:
-    """The tiny CIFAR-100 of conftest, rewritten with pickle protocol 4 (no `_codecs` call)."""
-    root = write_cifar_pickles(tmp_path / "data")
-    for name in ("train", "test", "meta"):
-        path = root / "cifar-100-python" / name
-        content = pickle.loads(path.read_bytes(), encoding="latin1")  # written just above
-        path.write_bytes(pickle.dumps(content, protocol=4))
-    return root
 
 
 def write_yaml(path: Path, content: dict) -> Path:
@@ -204,7 +192,7 @@ def test_proposals_lie_on_the_quantisation_grid_and_repeat_for_the_same_history(
         )
 
 
-def test_lr_zero_is_recorded_as_failed_without_training(tmp_path: Path, small_data: Path):
+def test_lr_zero_is_recorded_as_failed_without_training(tmp_path: Path, tiny_data: Path):
     # a YAML whose prior puts every lr draw under q/2, so every proposal is lr 0
     config = study_config()
     config["parameters"]["lr"] = {
@@ -218,7 +206,7 @@ def test_lr_zero_is_recorded_as_failed_without_training(tmp_path: Path, small_da
     state = local_sweep(
         str(path),
         1,
-        {**FAST_FLAGS, "data": str(small_data), "out": str(tmp_path / "sweep")},
+        {**FAST_FLAGS, "data": str(tiny_data), "out": str(tmp_path / "sweep")},
         train=lambda *a, **k: called.append(a),
         log=lambda line: None,
     )
@@ -254,7 +242,7 @@ def test_a_folder_holding_another_sweep_is_refused_and_left_alone(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, small_data: Path):
+def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, tiny_data: Path):
     from cifar100_fit.trials import fit_trial
 
     calls = []
@@ -265,7 +253,7 @@ def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, smal
             raise RuntimeError("out of memory in trial one")
         return fit_trial(config, data, **kwargs)
 
-    flags = {**FAST_FLAGS, "data": str(small_data), "out": str(tmp_path / "sweep")}
+    flags = {**FAST_FLAGS, "data": str(tiny_data), "out": str(tmp_path / "sweep")}
     state = local_sweep(
         str(ROOT / "configs" / "bs512-e25.yaml"), 1, flags, train=crash_first, log=lambda line: None
     )
@@ -280,7 +268,7 @@ def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, smal
 
 
 @pytest.mark.slow
-def test_sweep_killed_after_trial_one_resumes_to_three_trials(tmp_path: Path, small_data: Path):
+def test_sweep_killed_after_trial_one_resumes_to_three_trials(tmp_path: Path, tiny_data: Path):
     folder = tmp_path / "sweep"
     args = [
         "sweep",
@@ -289,7 +277,7 @@ def test_sweep_killed_after_trial_one_resumes_to_three_trials(tmp_path: Path, sm
         "3",
         *FAST,
         "--data",
-        str(small_data),
+        str(tiny_data),
         "--out",
         str(folder),
     ]
@@ -346,7 +334,7 @@ def wait_for_first_trial(path: Path, process: subprocess.Popen, limit: float = 3
 
 
 @pytest.mark.slow
-def test_repeat_two_settings_two_seeds_writes_table_and_box_plot(tmp_path, small_data):
+def test_repeat_two_settings_two_seeds_writes_table_and_box_plot(tmp_path, tiny_data):
     folder = tmp_path / "repeat"
     result = run_cli(
         "repeat",
@@ -361,7 +349,7 @@ def test_repeat_two_settings_two_seeds_writes_table_and_box_plot(tmp_path, small
         "--arch",
         "resnet18",
         "--data",
-        str(small_data),
+        str(tiny_data),
         "--out",
         str(folder),
     )
@@ -427,7 +415,7 @@ def test_report_of_a_sweep_folder(tmp_path: Path):
 # ---- the W&B cloud path -------------------------------------------------------------------
 
 
-def test_cloud_sweep_sends_the_yaml_as_loaded(monkeypatch, tmp_path: Path, small_data: Path):
+def test_cloud_sweep_sends_the_yaml_as_loaded(monkeypatch, tmp_path: Path, tiny_data: Path):
     import wandb
 
     from cifar100_fit import sweep, tracking
@@ -453,7 +441,7 @@ def test_cloud_sweep_sends_the_yaml_as_loaded(monkeypatch, tmp_path: Path, small
     path = ROOT / "configs" / "bs128-e30.yaml"
     flags = {
         **FAST_FLAGS,
-        "data": str(small_data),
+        "data": str(tiny_data),
         "out": str(tmp_path / "cloud"),
         "project": "study",
     }
@@ -478,13 +466,13 @@ def test_cloud_path_without_a_login_says_so_in_one_line(tmp_path: Path, args: li
 
 
 @pytest.mark.slow
-def test_hyperband_stops_a_trial_behind_the_finished_ones(tmp_path: Path, small_data: Path):
+def test_hyperband_stops_a_trial_behind_the_finished_ones(tmp_path: Path, tiny_data: Path):
     from cifar100_fit.sweep import fixed_values
     from cifar100_fit.trials import identity_flags, save_state
 
     config = study_config(early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2})
     path = write_yaml(tmp_path / "hyperband.yaml", config)
-    flags = {**FAST_FLAGS, "epochs": 3, "data": str(small_data)}
+    flags = {**FAST_FLAGS, "epochs": 3, "data": str(tiny_data)}
     folder = tmp_path / "sweep"
     identity = {"sweep_config": config, "flags": identity_flags({**fixed_values(config), **flags})}
     state = open_state(folder, "sweep", {"name": folder.name, **identity})
