@@ -36,3 +36,18 @@ def test_values_from_the_command_line_are_converted():
 def test_bad_values_name_the_value_and_what_is_accepted(flags, message):
     with pytest.raises(ConfigError, match=message):
         make_config(**flags)
+
+
+def test_default_run_folder_is_named_by_config_or_by_wandb_agent(monkeypatch):
+    from pathlib import Path
+
+    from cifar100_fit.runs import out_folder
+
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    assert out_folder(make_config(lr=0.02)) == Path(
+        "runs/resnet18_cifar-bs256-e30-lr0.02-wd0.18-s0"
+    )
+    assert out_folder(make_config(out="elsewhere")) == Path("elsewhere")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.setenv("WANDB_RUN_ID", "run9")
+    assert out_folder(make_config()) == Path("runs/sweeps/abc123/run9")
