@@ -7,6 +7,7 @@ position), the RNG states of every process, the epoch history and the W&B run id
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import random
 import signal
@@ -267,14 +268,16 @@ class Checkpointer(Callback):
 
 
 def start_or_resume(
-    learn: Learner, config: RunConfig, path: Path
+    learn: Learner, config: RunConfig, path: Path, **init_kwargs: Any
 ) -> tuple[Checkpointer, wandb.Run | None]:
     """The checkpoint callback for `learn` and the W&B run (rank 0 only), resumed from `path`.
 
     A resumed run logs into the same W&B run (resume by id) and starts after the saved epoch.
     """
     state = load_run_checkpoint(path, config) if path.exists() else None
-    wandb_id = state["wandb"]["id"] if state else uuid.uuid4().hex[:12]
+    # a W&B sweep agent names the run itself (WANDB_RUN_ID); else a fresh id, kept for resuming
+    given = init_kwargs.pop("id", None) or os.environ.get("WANDB_RUN_ID")
+    wandb_id = state["wandb"]["id"] if state else given or uuid.uuid4().hex[:12]
     checkpoint = Checkpointer(path, config, wandb_id, state)
     learn.first_epoch = checkpoint.first_epoch
     if state and is_main_process():
@@ -284,7 +287,7 @@ def start_or_resume(
         )
     if not is_main_process():
         return checkpoint, None
-    run = start_run(config, path.parent, id=wandb_id, resume="allow")
+    run = start_run(config, path.parent, id=wandb_id, resume="allow", **init_kwargs)
     return checkpoint, run
 
 

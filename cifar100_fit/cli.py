@@ -34,15 +34,16 @@ def _with_run_flags(command: Callable) -> Callable:
         for p in inspect.signature(command).parameters.values()
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
+    # a command's own parameter (e.g. `fit repeat --epochs 30,50`) takes the place of the run flag
+    shared = {name: spec for name, spec in FLAGS.items() if name not in {p.name for p in own}}
     flags = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=spec.default)
-        for name, spec in FLAGS.items()
+        for name, spec in shared.items()
     ]
     command.__signature__ = inspect.Signature(own + flags)
-    args = "\n".join(f"    {name}: {spec.metadata['help']}" for name, spec in FLAGS.items())
+    args = "\n".join(f"    {name}: {spec.metadata['help']}" for name, spec in shared.items())
     doc = inspect.cleandoc(command.__doc__)
-    # a command's own Args section comes first; the run flags continue it
-    command.__doc__ = f"{doc}\n{args}\n" if "\nArgs:\n" in doc else f"{doc}\n\nArgs:\n{args}\n"
+    command.__doc__ = f"{doc}\n{args}\n" if "Args:" in doc else f"{doc}\n\nArgs:\n{args}\n"
     return command
 
 
@@ -93,7 +94,67 @@ def evaluate(path: str, tta: bool = False, data: str = "", bs: int = 0) -> None:
     print(evaluate_file(path, tta=bool(tta), data=data, bs=int(bs)).line)
 
 
-COMMANDS: dict[str, Callable] = {"run": run, "evaluate": evaluate}
+@_with_run_flags
+def sweep(config: str, count: int = 10, controller: str = "", **flags: Any) -> None:
+    """Run the W&B sweep in a YAML file until it holds COUNT finished trials.
+
+    Args:
+        config: a W&B sweep YAML, e.g. configs/bs256-e30.yaml
+        count: finished trials to reach (local) or runs for this machine's agent (wandb)
+        controller: local (the sweeps package's engine, here; default without a W&B login)
+            or wandb (W&B's server; default when logged in)
+    """
+    from .studies import sweep_command
+
+    sweep_command(config, count, controller, flags)
+
+
+@_with_run_flags
+def agent(sweep_id: str, count: int = 0, **flags: Any) -> None:
+    """Join a sweep on W&B's server from this machine (`wandb agent`, with data read once).
+
+    Args:
+        sweep_id: the id `fit sweep --controller wandb` or `wandb sweep` printed
+        count: runs to train before stopping; 0 trains until the sweep ends
+    """
+    from .studies import agent_command
+
+    agent_command(sweep_id, count, flags)
+
+
+@_with_run_flags
+def repeat(epochs: Any = (30, 50), times: int = 10, **flags: Any) -> None:
+    """Train each epochs setting with seeds 0..TIMES-1, then tabulate and box-plot final accuracy.
+
+    Args:
+        epochs: epoch counts to compare, separated by commas: --epochs 30,50
+        times: seeds per setting
+    """
+    from .studies import repeat_command
+
+    repeat_command(epochs, times, flags)
+
+
+def report(folder: str, top: int = 10) -> None:
+    """Print the best trials of a sweep or repeat folder; write report.md and its PNG plot.
+
+    Args:
+        folder: a folder made by `fit sweep` or `fit repeat`, e.g. runs/sweeps/bs256-e30
+        top: number of trials in a sweep's table
+    """
+    from .studies import report_command
+
+    report_command(folder, top)
+
+
+COMMANDS: dict[str, Callable] = {
+    "run": run,
+    "sweep": sweep,
+    "agent": agent,
+    "repeat": repeat,
+    "report": report,
+    "evaluate": evaluate,
+}
 
 
 def resume_command(argv: list[str]) -> str:

@@ -54,10 +54,9 @@ def data_folder(root: str | os.PathLike | None = None, download: bool = True) ->
     missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
     if not missing:
         return folder
-    if not download:
-        raise DataError(
-            f"{folder} lacks {', '.join(missing)}; put the CIFAR-100 python files there"
-        )
+    if not download or (folder.is_dir() and any(folder.iterdir())):
+        paths = ", ".join(str(folder / name) for name in missing)
+        raise DataError(f"{paths} is missing; restore it, or delete {folder} to download it again")
     download_archive(folder.parent)
     return folder
 
@@ -107,7 +106,9 @@ def _fetch(url: str, dest: Path) -> None:
         total = int(response.headers.get("Content-Length") or 0)
         chunk = 1 << 20
         n_chunks = max(1, -(-total // chunk))
-        for _ in progress_bar(range(n_chunks), comment=f"downloading {url}"):
+        bar = progress_bar(range(n_chunks))
+        bar.comment = f"MiB of {url}"
+        for _ in bar:
             block = response.read(chunk)
             if not block:
                 break
@@ -124,13 +125,19 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a callable that a data file has no reason to need."""
+
+
 class SafeUnpickler(pickle.Unpickler):
     """An unpickler that rebuilds numpy arrays and plain containers, and refuses anything else.
 
-    A pickle can name any importable callable; the CIFAR files need only these three.
+    A pickle can name any importable callable; the CIFAR files need only numpy's array rebuilders,
+    and `_codecs.encode`, with which Python 3 writes bytes into a protocol-2 pickle.
     """
 
     ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -139,7 +146,7 @@ class SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+            raise UnsafePickleError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
 
 
@@ -150,9 +157,17 @@ def read_pickle(path: Path) -> dict:
             content = SafeUnpickler(file, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"{path} is missing") from None
-    except pickle.UnpicklingError as error:
+    except UnsafePickleError as error:
         raise DataError(f"{path} is not a safe CIFAR pickle: {error}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+    ) as error:
         raise DataError(
             f"{path} is truncated or corrupt ({type(error).__name__}: {error})"
         ) from None

@@ -30,8 +30,13 @@ def is_main_process() -> bool:
 
 
 def out_folder(config: RunConfig) -> Path:
-    """The run's folder: `--out`, else runs/<run name>."""
-    return Path(config.out) if config.out else Path("runs") / config.run_name
+    """The run's folder: `--out`, else runs/<run name>, or runs/sweeps/<id>/<run> under an agent."""
+    if config.out:
+        return Path(config.out)
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep_id and run_id:  # two proposals of one sweep may share lr and wd, never a run id
+        return Path("runs") / "sweeps" / sweep_id / run_id
+    return Path("runs") / config.run_name
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import wandb
 from fastai.callback.wandb import WandbCallback
@@ -88,3 +90,67 @@ class WandbLogger(WandbCallback):
             "raw_loss": self.loss,
         }
         wandb.log({**metrics, **hypers}, step=self._wandb_step)
+
+
+class OfflineRun(NamedTuple):
+    """What an offline W&B run recorded: its config, logged rows, final summary and exit code."""
+
+    config: dict
+    history: list[dict]
+    summary: dict
+    exit_code: int | None
+
+
+# The .wandb file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of records,
+# each with a 7-byte header (CRC32, little-endian length, kind); a record that does not fit a
+# block continues in the next one (kinds: 1 whole, 2 first, 3 middle, 4 last).
+_BLOCK, _HEADER = 32768, 7
+
+
+def read_offline_run(run_dir: str | Path) -> OfflineRun:
+    """Read the config, history and summary that an offline run folder holds."""
+    from wandb.proto import wandb_internal_pb2
+
+    (log_file,) = Path(run_dir).glob("run-*.wandb")
+    config, history, summary, exit_code = {}, [], {}, None
+    for payload in _log_records(log_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config.update(_items(record.run.config.update))
+        elif kind == "config":
+            config.update(_items(record.config.update))
+        elif kind == "history":
+            history.append(_items(record.history.item))
+        elif kind == "summary":
+            summary.update(_items(record.summary.update))
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return OfflineRun(config, history, summary, exit_code)
+
+
+def _items(items) -> dict:
+    values = {}
+    for item in items:
+        key = item.key or "/".join(item.nested_key)
+        values[key] = json.loads(item.value_json)
+    return values
+
+
+def _log_records(data: bytes):
+    position, pieces = _HEADER, []
+    while position + _HEADER <= len(data):
+        left_in_block = _BLOCK - position % _BLOCK
+        if left_in_block < _HEADER:  # block trailer too small for a header: skip it
+            position += left_in_block
+            continue
+        length, kind = struct.unpack_from("<HB", data, position + 4)
+        start = position + _HEADER
+        pieces.append(data[start : start + length])
+        position = start + length
+        if kind in (1, 4):
+            yield b"".join(pieces)
+            pieces = []
+        elif kind == 0 and length == 0:  # zero padding at the end of a block
+            position += _BLOCK - position % _BLOCK if position % _BLOCK else 0

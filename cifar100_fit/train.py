@@ -13,7 +13,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .config import RunConfig, make_config
+from .config import ConfigError, RunConfig, make_config
 from .data import Cifar100, cifar100_dls, load_cifar100
 from .model import create_model
 from .runs import (
@@ -177,15 +177,21 @@ def _precision(requested: str, on_cuda: bool) -> str:
     if requested == "auto":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
     if requested != "fp32" and not on_cuda:
-        raise ValueError(f"--precision {requested} needs a CUDA GPU; use fp32 or auto on the CPU")
+        raise ConfigError(f"--precision {requested} needs a CUDA GPU; use fp32 or auto on the CPU")
     return requested
 
 
-def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] | None:
+def fit_run(
+    config: RunConfig, data: Cifar100 | None = None, cbs: list | None = None, **init_kwargs: Any
+) -> dict[str, Any] | None:
     """Train one run as `config` says, log it to W&B and save it; return its summary.
 
     Continues from `checkpoint.pt` in the run folder when one is there. Under torchrun or
     accelerate every process trains its shard; rank 0 logs and saves, and alone gets the summary.
+
+    Args:
+        cbs: extra fastai callbacks for this fit, e.g. a sweep's early-stopping rule.
+        init_kwargs: passed on to `wandb.init`, e.g. `group=` to gather a sweep's runs.
     """
     from .checkpoint import (
         RunInterrupted,
@@ -201,12 +207,14 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any] |
     prepare_process(config)
     learn = data_parallel(cifar100_learner(config, data), config)
     if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, config.to_dict())
-    checkpoint, run = start_or_resume(learn, config, out / CHECKPOINT_FILE)
+    checkpoint, run = start_or_resume(learn, config, out / CHECKPOINT_FILE, **init_kwargs)
     sent = WandbRowSent(checkpoint.first_epoch)
     try:
         with sigterm_as_interrupt():
-            cbs = [checkpoint] + ([WandbLogger(), sent] if run is not None else [])
+            logging = [WandbLogger(), sent] if run is not None else []
+            cbs = [checkpoint, *logging, *(cbs or [])]
             learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=cbs)
         if run is None:
             return None
