@@ -18,6 +18,7 @@ from .config import RunConfig, make_config
 from .data import Cifar100, cifar100_dls, load_cifar100
 from .model import create_model
 from .runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, atomic_write, out_folder, write_json
+from .speed import LeanOptimWrapper, QuickEvents, compile_model, recipe_callbacks
 from .tracking import WandbLogger, run_folder, start_run
 
 # The study trained with torch's AdamW and OneCycleLR; these keep its optimizer and schedule
@@ -33,12 +34,16 @@ DIV_FINAL = DIV * 1e4
 class SmoothedCrossEntropy(nn.Module):
     """Cross-entropy with label smoothing on plain tensors, with the hooks fastai uses to decode."""
 
+    y_int = True  # integer targets: fastai's mixup/cutmix then mix the losses, not the labels
+
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.reduction = label_smoothing, "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            output, target, label_smoothing=self.label_smoothing, reduction=self.reduction
+        )
 
     def activation(self, output: torch.Tensor) -> torch.Tensor:
         return F.softmax(output, dim=-1)
@@ -87,8 +92,11 @@ class PlainTensors(Callback):
         self.learn.xb, self.learn.yb = (x,), (y,)
 
 
-class CifarLearner(Learner):
-    """A fastai `Learner` whose `fit_one_cycle` defaults follow the study's torch schedule."""
+class CifarLearner(QuickEvents, Learner):
+    """A fastai `Learner` whose `fit_one_cycle` defaults follow the study's torch schedule.
+
+    `QuickEvents` (speed.py) trims fastai's per-step callback cost.
+    """
 
     def fit_one_cycle(
         self,
@@ -108,7 +116,7 @@ class CifarLearner(Learner):
 def adamw(params, lr: float, **kwargs) -> OptimWrapper:
     """torch's AdamW (decoupled weight decay: p <- p - lr*wd*p) wrapped for fastai's schedules."""
     on_cuda = any(p.is_cuda for p in params) if isinstance(params, list) else False
-    return OptimWrapper(
+    return LeanOptimWrapper(
         params,
         torch.optim.AdamW,
         lr=lr,
@@ -149,7 +157,7 @@ def cifar100_learner(
         lr=config.lr,
         wd=config.wd,
         metrics=[TopKAccuracy(1, "accuracy"), TopKAccuracy(5, "top5_accuracy")],
-        cbs=PlainTensors(),
+        cbs=[PlainTensors(), *recipe_callbacks(config)],
         path=config.out or ".",
     )
     precision = _precision(config.precision, on_cuda)
@@ -174,14 +182,26 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any]:
     write_json(out / CONFIG_FILE, config.to_dict())
     run = start_run(config, out)
     try:
+        compile_s = compile_model(learn, learn_precision(learn)) if config.compile else 0.0
         start = time.perf_counter()
         learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=WandbLogger())
         summary = _summary(learn, config, time.perf_counter() - start, run)
+        summary.update(compile_s=round(compile_s, 2), device=_device_name(learn.dls.device))
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         save_run(learn, config, summary)
     finally:
         run.finish()
     return summary
+
+
+def learn_precision(learn: Learner) -> str:
+    """The autocast precision `learn` trains in: bf16, fp16 or fp32."""
+    mixed = getattr(learn, "mixed_precision", None)
+    return str(getattr(mixed.amp_mode, "value", mixed.amp_mode)) if mixed else "fp32"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _summary(learn: Learner, config: RunConfig, wall: float, run) -> dict[str, Any]:

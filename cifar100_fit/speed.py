@@ -1,0 +1,234 @@
+"""The fast path: cheap callback dispatch, a quiet progress bar, torch.compile with its own clock,
+and the recipe callbacks (mixup/cutmix, flip test-time augmentation, an EMA of the weights).
+
+Where fastai's per-step cost went, measured with cProfile on the CPU (trivial model, bs 64):
+- every event asked every callback for a method it mostly lacks, and each miss went through two
+  `GetAttr.__getattr__` forwards (callback -> learner -> model) before failing: ~8 events x 5
+  callbacks per step;
+- the progress bar formatted the smoothed loss with `.item()` after every batch, a GPU sync;
+- `OptimWrapper.hypers` rebuilt a dict per group three times a step (scheduler and recorder).
+`scripts/bench_step_overhead.py` shows what is left against a plain PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper, set_item_pg
+from torch import nn
+
+from .config import RunConfig
+
+
+def _defines(callback: Callback, event_name: str) -> bool:
+    """Whether `callback` itself handles `event_name` (not by forwarding to the learner)."""
+    if event_name in vars(callback):
+        return True
+    return any(event_name in vars(kind) for kind in type(callback).__mro__)
+
+
+class QuickEvents:
+    """A `Learner` mixin that calls, for each event, only the callbacks that handle it.
+
+    The table of handlers is rebuilt whenever the list of callbacks changes; each call still goes
+    through `Callback.__call__`, so `run`, `run_train` and `run_valid` keep their meaning.
+    fastai's progress bar is swapped for `QuietProgress` whenever it is added (also by `no_bar`).
+    NOTE: a handler must be a method of the callback's class or instance, as fastai's all are; one
+    served by a `__getattr__` is not seen.
+    """
+
+    def add_cb(self, cb):
+        if cb is ProgressCallback or type(cb) is ProgressCallback:
+            cb = QuietProgress()
+        return super().add_cb(cb)
+
+    def __call__(self, event_name) -> None:
+        if isinstance(event_name, str):
+            self._call_one(event_name)
+        else:
+            for name in event_name:
+                self._call_one(name)
+
+    def _call_one(self, event_name: str) -> None:
+        key = tuple(map(id, self.cbs))
+        if getattr(self, "_handlers_key", None) != key:
+            self._handlers_key, self._handlers = key, {}
+        handlers = self._handlers.get(event_name)
+        if handlers is None:
+            callbacks = self.cbs.sorted("order")
+            # after_fit goes to every callback: Callback.__call__ resets `run` there
+            handlers = [
+                cb for cb in callbacks if event_name == "after_fit" or _defines(cb, event_name)
+            ]
+            self._handlers[event_name] = handlers
+        for callback in handlers:
+            callback(event_name)
+
+
+class QuietProgress(ProgressCallback):
+    """fastai's progress bar, reading the smoothed loss only when the bar is about to redraw."""
+
+    @property
+    def name(self) -> str:
+        return "progress"  # fastai's `no_bar` and `learn.progress` look for this name
+
+    def after_batch(self) -> None:
+        bar, step = self.pbar, self.iter + 1
+        redraw = bar.last_v is None or step >= bar.last_v + bar.wait_for or step >= bar.total
+        if redraw and self.training and hasattr(self, "smooth_loss"):
+            bar.comment = f"{float(self.smooth_loss):.4f}"
+        bar.update(step)
+
+
+class LeanOptimWrapper(OptimWrapper):
+    """fastai's `OptimWrapper` with a cheaper `hypers`; the values are read from torch each time."""
+
+    @property
+    def hypers(self) -> list[dict]:
+        groups = []
+        for group in self.opt.param_groups:
+            hypers = {}
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                if isinstance(value, tuple):
+                    for i, item in enumerate(value):
+                        hypers[self.fwd_map.get(f"{key}__{i}", f"{key}__{i}")] = item
+                else:
+                    hypers[self.fwd_map.get(key, key)] = value
+            groups.append(hypers)
+        return groups
+
+    def set_hyper(self, k, v) -> None:
+        if not isinstance(v, (int, float)):
+            return super().set_hyper(k, v)
+        key = self.bwd_map[k]
+        for group in self.opt.param_groups:
+            set_item_pg(group, key, v)
+
+
+class FlipTTA(Callback):
+    """Evaluate on the mean of the logits of each image and its mirror image (`--tta`)."""
+
+    order, run_train = 20, False  # after MixedPrecision (10) has made the prediction float
+
+    def after_pred(self) -> None:
+        mirrored = self.model(self.xb[0].flip(-1))
+        self.learn.pred = (self.pred + mirrored.float()) / 2
+
+
+class WeightEMA(Callback):
+    """Keep an exponential moving average of the weights and evaluate with it (`--ema`).
+
+    Buffers (batch-norm statistics) are copied, not averaged; the average replaces the trained
+    weights when fitting ends, so the saved model is the one that was evaluated.
+    """
+
+    order = 70
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def before_fit(self) -> None:
+        self.average = copy.deepcopy(self.model).requires_grad_(False)
+
+    def after_step(self) -> None:
+        averaged = list(self.average.parameters())
+        current = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1 - self.decay)
+
+    def before_validate(self) -> None:
+        self._swap()
+
+    def after_validate(self) -> None:
+        self._swap()
+
+    def after_fit(self) -> None:
+        if hasattr(self, "average"):
+            self._sync_buffers()
+            self.model.load_state_dict(self.average.state_dict())
+            del self.average
+
+    def _swap(self) -> None:
+        self._sync_buffers()
+        for mine, theirs in zip(self.average.parameters(), self.model.parameters()):
+            mine.data, theirs.data = theirs.data, mine.data
+
+    def _sync_buffers(self) -> None:
+        for mine, theirs in zip(self.average.buffers(), self.model.buffers()):
+            mine.copy_(theirs)
+
+
+def recipe_callbacks(config: RunConfig) -> list[Callback]:
+    """The callbacks that `--mix`, `--tta` and `--ema` ask for."""
+    callbacks: list[Callback] = []
+    if config.mix == "mixup":
+        callbacks.append(MixUp(config.mix_alpha))
+    elif config.mix == "cutmix":
+        callbacks.append(CutMix(config.mix_alpha))
+    if config.tta:
+        callbacks.append(FlipTTA())
+    if config.ema:
+        callbacks.append(WeightEMA(config.ema))
+    return callbacks
+
+
+def compile_model(learn: Learner, precision: str) -> float:
+    """Compile `learn.model` in place and run it once at every shape a fit will use.
+
+    Returns the seconds spent, so the run can report them apart from training time. Where
+    torch.compile cannot run, the model stays eager and one line on stderr says why.
+    """
+    start = time.perf_counter()
+    model = learn.model
+    model.compile()
+    try:
+        _run_every_shape(learn, precision)
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: train eagerly
+        model._compiled_call_impl = None
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        print(
+            f"fit: --compile could not run here ({type(error).__name__}: {reason}); "
+            "training without torch.compile",
+            file=sys.stderr,
+        )
+        return 0.0
+    return time.perf_counter() - start
+
+
+def _run_every_shape(learn: Learner, precision: str) -> None:
+    """One training forward/backward and one evaluation forward per batch size, weights kept."""
+    model, dls = learn.model, learn.dls
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    memory = torch.channels_last if dls.device.type == "cuda" else torch.contiguous_format
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(dls.device.type, dtype=dtype) if dtype else nullcontext()
+    images = torch.randn(dls.train.bs, 3, 32, 32, device=dls.device)
+    try:
+        with autocast:
+            model.train()
+            model(images.contiguous(memory_format=memory)).float().mean().backward()
+            model.eval()
+            n_valid = len(dls.valid.dataset)
+            sizes = {min(dls.valid.bs, n_valid), n_valid % dls.valid.bs} - {0}
+            with torch.no_grad():
+                for size in sizes:
+                    batch = torch.randn(size, 3, 32, 32, device=dls.device)
+                    model(batch.contiguous(memory_format=memory))
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+        model.train()
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module whose `state_dict` has the plain parameter names."""
+    return getattr(model, "_orig_mod", model)
