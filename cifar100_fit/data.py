@@ -156,8 +156,17 @@ class ImageSet:
 class TensorDL(TfmdDL):
     """A fastai DataLoader that cuts batches from an `ImageSet` by index, with no per-item work."""
 
+    def get_idxs(self) -> torch.Tensor:
+        # one torch permutation on the data's device (seeded by torch, like the model): fastai's
+        # own shuffles a Python list of all 50,000 indices every epoch, while the GPU waits
+        n, device = len(self.dataset), self.dataset.images.device
+        return torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+
+    def sample(self) -> torch.Tensor:
+        return self._DataLoader__idxs  # the order get_idxs made for this epoch (num_workers=0)
+
     def create_batches(self, samps):
-        order = torch.as_tensor(list(samps), dtype=torch.long, device=self.dataset.images.device)
+        order = torch.as_tensor(samps, dtype=torch.long, device=self.dataset.images.device)
         for start in range(0, len(order), self.bs):
             indices = order[start : start + self.bs]
             if self.drop_last and len(indices) < self.bs:

@@ -12,7 +12,6 @@ Where fastai's per-step cost went, measured with cProfile on the CPU (trivial mo
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from contextlib import nullcontext
@@ -49,6 +48,14 @@ class QuickEvents:
         if cb is ProgressCallback or type(cb) is ProgressCallback:
             cb = QuietProgress()
         return super().add_cb(cb)
+
+    def _set_device(self, batch):
+        # TensorDL cuts batches on the data's device already: skip fastai's walk and .to() calls
+        device = getattr(self.dls, "device", None)
+        on_device = all(isinstance(t, torch.Tensor) and t.device == device for t in batch)
+        if on_device and next(self.model.parameters()).device == device:
+            return batch
+        return super()._set_device(batch)
 
     def __call__(self, event_name) -> None:
         if isinstance(event_name, str):
@@ -121,15 +128,18 @@ class FlipTTA(Callback):
     order, run_train = 20, False  # after MixedPrecision (10) has made the prediction float
 
     def after_pred(self) -> None:
-        mirrored = self.model(self.xb[0].flip(-1))
+        images = self.xb[0]
+        layout = torch.channels_last if images.is_cuda else torch.contiguous_format
+        # the same strides as the plain batch, so a compiled model is not compiled again
+        mirrored = self.model(images.flip(-1).contiguous(memory_format=layout))
         self.learn.pred = (self.pred + mirrored.float()) / 2
 
 
 class WeightEMA(Callback):
     """Keep an exponential moving average of the weights and evaluate with it (`--ema`).
 
-    Buffers (batch-norm statistics) are copied, not averaged; the average replaces the trained
-    weights when fitting ends, so the saved model is the one that was evaluated.
+    Batch-norm statistics stay the live ones. When fitting ends the average replaces the
+    trained weights, so the saved model is the one that was evaluated.
     """
 
     order = 70
@@ -138,12 +148,11 @@ class WeightEMA(Callback):
         self.decay = decay
 
     def before_fit(self) -> None:
-        self.average = copy.deepcopy(self.model).requires_grad_(False)
+        self.average = [p.detach().clone() for p in self.model.parameters()]
 
     def after_step(self) -> None:
-        averaged = list(self.average.parameters())
         current = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(averaged, current, 1 - self.decay)
+        torch._foreach_lerp_(self.average, current, 1 - self.decay)
 
     def before_validate(self) -> None:
         self._swap()
@@ -153,18 +162,15 @@ class WeightEMA(Callback):
 
     def after_fit(self) -> None:
         if hasattr(self, "average"):
-            self._sync_buffers()
-            self.model.load_state_dict(self.average.state_dict())
+            with torch.no_grad():
+                for param, average in zip(self.model.parameters(), self.average):
+                    param.copy_(average)
             del self.average
 
     def _swap(self) -> None:
-        self._sync_buffers()
-        for mine, theirs in zip(self.average.parameters(), self.model.parameters()):
-            mine.data, theirs.data = theirs.data, mine.data
-
-    def _sync_buffers(self) -> None:
-        for mine, theirs in zip(self.average.buffers(), self.model.buffers()):
-            mine.copy_(theirs)
+        # swapping storage, not copying: the optimizer state stays bound to the same Parameters
+        for i, param in enumerate(self.model.parameters()):
+            param.data, self.average[i] = self.average[i], param.data
 
 
 def recipe_callbacks(config: RunConfig) -> list[Callback]:
@@ -194,6 +200,7 @@ def compile_model(learn: Learner, precision: str) -> float:
         _run_every_shape(learn, precision)
     except Exception as error:  # noqa: BLE001 - any compiler failure means: train eagerly
         model._compiled_call_impl = None
+        torch._dynamo.reset()
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         print(
             f"fit: --compile could not run here ({type(error).__name__}: {reason}); "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.learner import Learner, Metric
+from fastai.learner import CastToTensor, Learner, Metric
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
@@ -160,6 +160,7 @@ def cifar100_learner(
         cbs=[PlainTensors(), *recipe_callbacks(config)],
         path=config.out or ".",
     )
+    learn.remove_cb(CastToTensor)  # PlainTensors already hands the model plain tensors
     precision = _precision(config.precision, on_cuda)
     if precision != "fp32":
         learn.to_bf16() if precision == "bf16" else learn.to_fp16()

@@ -5,7 +5,7 @@ the same crop/flip + normalisation, loss, torch AdamW and one-cycle schedule (lr
 every step), and evaluate the same validation batches. Blocks run A B A B ... in one process, so
 slow drift of a shared CPU hits both sides alike; each figure is the median over the pairs.
 
-    python scripts/bench_step_overhead.py            # ~5 minutes on 2 CPU cores
+    python scripts/bench_step_overhead.py            # ~2 minutes on 2 idle CPU cores
     python scripts/bench_step_overhead.py --quick    # under a minute; figures are rough
 
 The last line holds `ratio=` (ResNet18 throughput, Learner over plain loop; 1.0 = no cost) and
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import math
 import statistics
 import time
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,12 +138,13 @@ def compare(case: Case, lr: float = 0.015, wd: float = 0.18) -> tuple[float, flo
     learn = cifar100_learner(data=data, bs=case.bs, wandb="disabled", lr=lr, wd=wd)
     learn.model = copy.deepcopy(case.model)
     plain = PlainLoop(copy.deepcopy(case.model), data, case.bs, lr, wd)
-    with learn.no_logging(), learn.no_bar():
+    # the Learner keeps its progress bar and epoch table, as in a real run; only the text is hidden
+    with redirect_stdout(io.StringIO()):
         learn.fit_one_cycle(1, lr, wd=wd)  # warm-up: first-call allocations and lazy imports
     plain.fit(1)
     learner_s, plain_s = [], []
     for _ in range(case.pairs):
-        with learn.no_logging(), learn.no_bar():
+        with redirect_stdout(io.StringIO()):
             learner_s.append(timed(lambda: learn.fit_one_cycle(1, lr, wd=wd)))
         plain_s.append(timed(lambda: plain.fit(1)))
     return statistics.median(learner_s), statistics.median(plain_s), case.train_images // case.bs
@@ -155,19 +158,20 @@ def trivial_model() -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter blocks (< 1 min)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    # one thread by default: on a shared CPU, extra threads wait on each other at every small op,
+    # and that noise would swamp the framework cost this script looks for
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from cifar100_fit.model import create_model
 
     quick = args.quick
     trivial = Case(
-        "trivial", trivial_model(), 64, 64 * (60 if quick else 200), 256, 3 if quick else 7
+        "trivial", trivial_model(), 64, 64 * (150 if quick else 300), 256, 3 if quick else 7
     )
     resnet = Case(
-        "resnet18_cifar", create_model(), 16, 16 * (2 if quick else 8), 32, 2 if quick else 5
+        "resnet18_cifar", create_model(), 16, 16 * (2 if quick else 6), 32, 2 if quick else 4
     )
 
     learner_s, plain_s, steps = compare(trivial)

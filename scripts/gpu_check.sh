@@ -59,7 +59,7 @@ report() {
   python3 - "$1" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-print(f"GPU {s['device']}: {s['epochs']} epochs in {s['wall_s']:.1f} s wall (+{s['compile_s']:.1f} s compile), "
+print(f"{s['device']}: {s['epochs']} epochs in {s['wall_s']:.1f} s wall (+{s['compile_s']:.1f} s compile), "
       f"{s['images_per_s']:.0f} images/s, top-1 {s['accuracy']:.2%}, top-5 {s['top5_accuracy']:.2%}, "
       f"best top-1 {s['best_accuracy']:.2%}")
 PY

@@ -243,10 +243,11 @@ def test_bad_compile_value_is_one_line_on_the_command_line():
 
 
 @pytest.mark.slow
-def test_compile_falls_back_with_a_clear_message(tiny_data, tmp_path):
+def test_compile_falls_back_with_a_clear_message(real_data, tmp_path):
     # a compiler that does not exist makes torch.compile fail the way a machine without one does
     result = run_cli(
-        "run", "--data", str(tiny_data), "--bs", "100", "--epochs", "1", "--compile",
+        "run", "--data", str(real_data), "--subset", "0.002", "--bs", "100", "--epochs", "1",
+        "--compile",
         "--wandb", "disabled", "--out", str(tmp_path / "run"),
         env={"CXX": "/nonexistent/c++", "CC": "/nonexistent/cc"},
     )  # fmt: skip
