@@ -5,7 +5,8 @@ Where fastai's per-step cost went, measured with cProfile on the CPU (trivial mo
 - every event asked every callback for a method it mostly lacks, and each miss went through two
   `GetAttr.__getattr__` forwards (callback -> learner -> model) before failing: ~8 events x 5
   callbacks per step;
-- the progress bar formatted the smoothed loss with `.item()` after every batch, a GPU sync;
+- the smoothed loss was copied to the host every step, and the progress bar formatted it with
+  `.item()` after every batch: two GPU syncs per step;
 - `OptimWrapper.hypers` rebuilt a dict per group three times a step (scheduler and recorder).
 `scripts/bench_step_overhead.py` shows what is left against a plain PyTorch loop.
 """
@@ -20,8 +21,9 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.progress import ProgressCallback
-from fastai.learner import Learner
+from fastai.learner import AvgLoss, AvgSmoothLoss, Learner, Recorder
 from fastai.optimizer import OptimWrapper, set_item_pg
+from fastai.torch_core import find_bs, to_detach
 from torch import nn
 
 from .config import RunConfig
@@ -47,6 +49,8 @@ class QuickEvents:
     def add_cb(self, cb):
         if cb is ProgressCallback or type(cb) is ProgressCallback:
             cb = QuietProgress()
+        if isinstance(cb, Recorder):
+            cb.loss, cb.smooth_loss = DeviceAvgLoss(), DeviceSmoothLoss(cb.smooth_loss.beta)
         return super().add_cb(cb)
 
     def _set_device(self, batch):
@@ -78,6 +82,28 @@ class QuickEvents:
             self._handlers[event_name] = handlers
         for callback in handlers:
             callback(event_name)
+
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the loss's device.
+
+    fastai's own copies the loss to the host every step (`to_detach(..., cpu=True)`), a GPU sync
+    that stops the host from queueing the next steps while the GPU works.
+    """
+
+    def accumulate(self, learn: Learner) -> None:
+        self.count += 1
+        loss = to_detach(learn.loss.mean(), cpu=False).float()
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
+
+
+class DeviceAvgLoss(AvgLoss):
+    """fastai's average validation loss, summed on the loss's device and read once per epoch."""
+
+    def accumulate(self, learn: Learner) -> None:
+        bs = find_bs(learn.yb)
+        self.total += to_detach(learn.loss.mean(), cpu=False).float() * bs
+        self.count += bs
 
 
 class QuietProgress(ProgressCallback):

@@ -135,7 +135,8 @@ def timed(work) -> float:
 def compare(case: Case, lr: float = 0.015, wd: float = 0.18) -> tuple[float, float, int]:
     """Median seconds per block for (Learner, plain loop), and training steps per block."""
     data = synthetic_cifar(case.train_images, case.valid_images)
-    learn = cifar100_learner(data=data, bs=case.bs, wandb="disabled", lr=lr, wd=wd)
+    # no --tta: the plain loop evaluates each image once
+    learn = cifar100_learner(data=data, bs=case.bs, wandb="disabled", lr=lr, wd=wd, tta=False)
     learn.model = copy.deepcopy(case.model)
     plain = PlainLoop(copy.deepcopy(case.model), data, case.bs, lr, wd)
     # the Learner keeps its progress bar and epoch table, as in a real run; only the text is hidden

@@ -282,3 +282,27 @@ def test_prepare_and_check_scripts_are_valid_bash():
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     usage = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True)
     assert usage.returncode == 2 and b"usage:" in usage.stderr
+
+
+def test_device_losses_equal_fastai_losses():
+    from fastai.learner import AvgLoss, AvgSmoothLoss
+    from fastai.torch_core import to_detach
+
+    from cifar100_fit.speed import DeviceAvgLoss, DeviceSmoothLoss
+
+    class Step:
+        to_detach = staticmethod(to_detach)
+
+    ours, theirs = (DeviceAvgLoss(), DeviceSmoothLoss(0.9)), (AvgLoss(), AvgSmoothLoss(0.9))
+    for metric in (*ours, *theirs):
+        metric.reset()
+    for loss, bs in ((2.0, 4), (1.0, 4), (0.5, 2)):
+        step = Step()
+        step.loss, step.yb = torch.tensor(loss), (torch.zeros(bs, dtype=torch.long),)
+        for metric in (*ours, *theirs):
+            metric.accumulate(step)
+    for mine, fastais in zip(ours, theirs):
+        assert float(mine.value) == pytest.approx(float(fastais.value))
+    assert float(ours[0].value) == pytest.approx((2 * 4 + 1 * 4 + 0.5 * 2) / 10)
+    learn = quiet_learner(bs=50)
+    assert isinstance(learn.recorder.smooth_loss, DeviceSmoothLoss)
