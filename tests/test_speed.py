@@ -286,12 +286,12 @@ def test_prepare_and_check_scripts_are_valid_bash():
 
 def test_device_losses_equal_fastai_losses():
     from fastai.learner import AvgLoss, AvgSmoothLoss
-    from fastai.torch_core import to_detach
+    from fastai.torch_core import to_detach as fastai_to_detach
 
     from cifar100_fit.speed import DeviceAvgLoss, DeviceSmoothLoss
 
     class Step:
-        to_detach = staticmethod(to_detach)
+        to_detach = staticmethod(fastai_to_detach)
 
     ours, theirs = (DeviceAvgLoss(), DeviceSmoothLoss(0.9)), (AvgLoss(), AvgSmoothLoss(0.9))
     for metric in (*ours, *theirs):
