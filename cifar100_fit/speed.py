@@ -47,7 +47,9 @@ class QuickEvents:
     """
 
     def add_cb(self, cb):
-        if cb is ProgressCallback or type(cb) is ProgressCallback:
+        if isinstance(cb, type):
+            cb = cb()
+        if type(cb) is ProgressCallback:
             cb = QuietProgress()
         if isinstance(cb, Recorder):
             cb.loss, cb.smooth_loss = DeviceAvgLoss(), DeviceSmoothLoss(cb.smooth_loss.beta)
