@@ -98,7 +98,7 @@ class RandomCropFlip(Transform):
 
 
 class ByteNormalize(Transform):
-    """uint8 images to normalised floats in one step on plain tensors; decodes to [0, 1] floats.
+    """uint8 images to normalised floats in one step on plain tensors; decodes back to uint8.
 
     fastai's IntToFloatTensor + Normalize do the same in four operations on `TensorImage`, each
     dispatched through Python; this is one fused expression.
@@ -117,7 +117,8 @@ class ByteNormalize(Transform):
 
     def decodes(self, x: TensorImage) -> TensorImage:
         images = x.as_subclass(torch.Tensor)
-        return TensorImage((images * self.std + self.mean).clamp(0, 1))
+        pixels = ((images * self.std + self.mean).clamp(0, 1) * 255).round()
+        return TensorImage(pixels.to(torch.uint8))
 
 
 class ImageSet:

@@ -11,14 +11,16 @@ data_root=${1:-${CIFAR100_DATA:-../shared/data/cifar100}}
 python=${PYTHON:-python3}
 
 # Found by importing the package and running a short fit here, then removing what the device
-# image already holds (its package list is in the device notes).
+# image already holds (its package list is in the device notes). protobuf and click are there
+# too, in versions unknown here: these copies, known to work with this wandb, shadow them for
+# the check's process only.
 wheels=(
   fastai==2.8.12 fastcore==2.2.41 fastdownload==0.0.8 fastprogress==1.1.6 fasttransform==0.0.5
   plum-dispatch==2.9.0 beartype==0.23.1 fire==0.7.1 termcolor==3.3.0 wandb==0.31.0
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   platformdirs==4.14.9 sniffio==1.3.1 truststore==0.10.5 googleapis-common-protos==1.76.0
   httpx2==2.16.2 httpcore2==2.16.2 python-fasthtml==0.14.14 starlette==1.10.0
-  itsdangerous==2.2.0 python-multipart==0.0.34
+  itsdangerous==2.2.0 python-multipart==0.0.34 protobuf==7.36.2 click==8.5.1
   opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
   opentelemetry-semantic-conventions==0.66b2 opentelemetry-exporter-http-transport==0.66b2
   opentelemetry-exporter-otlp-common==0.66b2 opentelemetry-exporter-otlp-proto-common==1.45.2
