@@ -215,6 +215,16 @@ def recipe_callbacks(config: RunConfig) -> list[Callback]:
     return callbacks
 
 
+def fast_cuda_settings() -> None:
+    """Let cuDNN pick its fastest convolution algorithms and fp32 matmuls use TF32.
+
+    `set_seed(reproducible=True)` pins cuDNN to deterministic algorithms, which are slower; on a
+    GPU a run is then repeatable only up to the order of floating-point sums, not bit for bit.
+    """
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    torch.set_float32_matmul_precision("high")
+
+
 def compile_model(learn: Learner, precision: str) -> float:
     """Compile `learn.model` in place and run it once at every shape a fit will use.
 

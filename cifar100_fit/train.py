@@ -18,7 +18,13 @@ from .config import RunConfig, make_config
 from .data import Cifar100, cifar100_dls, load_cifar100
 from .model import create_model
 from .runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, atomic_write, out_folder, write_json
-from .speed import LeanOptimWrapper, QuickEvents, compile_model, recipe_callbacks
+from .speed import (
+    LeanOptimWrapper,
+    QuickEvents,
+    compile_model,
+    fast_cuda_settings,
+    recipe_callbacks,
+)
 from .tracking import WandbLogger, run_folder, start_run
 
 # The study trained with torch's AdamW and OneCycleLR; these keep its optimizer and schedule
@@ -183,6 +189,8 @@ def fit_run(config: RunConfig, data: Cifar100 | None = None) -> dict[str, Any]:
     write_json(out / CONFIG_FILE, config.to_dict())
     run = start_run(config, out)
     try:
+        if learn.dls.device.type == "cuda":
+            fast_cuda_settings()
         compile_s = compile_model(learn, learn_precision(learn)) if config.compile else 0.0
         start = time.perf_counter()
         learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd, cbs=WandbLogger())
