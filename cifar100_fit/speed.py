@@ -7,12 +7,14 @@ Where fastai's per-step cost went, measured with cProfile on the CPU (trivial mo
   callbacks per step;
 - the smoothed loss was copied to the host every step, and the progress bar formatted it with
   `.item()` after every batch: two GPU syncs per step;
-- `OptimWrapper.hypers` rebuilt a dict per group three times a step (scheduler and recorder).
+- `OptimWrapper.hypers` rebuilt a dict per group three times a step (scheduler and recorder);
+- the one-cycle schedules ran tensor and numpy operations to compute two floats a step.
 `scripts/bench_step_overhead.py` shows what is left against a plain PyTorch loop.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -21,9 +23,11 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import ParamScheduler
 from fastai.learner import AvgLoss, AvgSmoothLoss, Learner, Recorder
 from fastai.optimizer import OptimWrapper, set_item_pg
 from fastai.torch_core import find_bs, to_detach
+from fastcore.foundation import L
 from torch import nn
 
 from .config import RunConfig
@@ -34,6 +38,28 @@ def _defines(callback: Callback, event_name: str) -> bool:
     if event_name in vars(callback):
         return True
     return any(event_name in vars(kind) for kind in type(callback).__mro__)
+
+
+class OneCycle:
+    """fastai's `combined_cos`: cosine from `start` to `middle` over `pct_start`, then to `end`.
+
+    fastai's version runs tensor and numpy operations on every call (twice a step); this is
+    the same arithmetic on Python floats.
+    """
+
+    def __init__(self, pct_start: float, start: float, middle: float, end: float):
+        self.pct_start, self.start, self.middle, self.end = pct_start, start, middle, end
+
+    def __call__(self, pct: float) -> float:
+        if pct >= 1:
+            return self.end
+        if pct < self.pct_start:
+            return _cos(self.start, self.middle, pct / self.pct_start)
+        return _cos(self.middle, self.end, (pct - self.pct_start) / (1 - self.pct_start))
+
+
+def _cos(start: float, end: float, pos: float) -> float:
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
 
 class QuickEvents:
@@ -54,6 +80,41 @@ class QuickEvents:
         if isinstance(cb, Recorder):
             cb.loss, cb.smooth_loss = DeviceAvgLoss(), DeviceSmoothLoss(cb.smooth_loss.beta)
         return super().add_cb(cb)
+
+    def fit_one_cycle(
+        self,
+        n_epoch: int,
+        lr_max=None,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        pct_start: float = 0.25,
+        wd=None,
+        moms=None,
+        cbs=None,
+        reset_opt: bool = False,
+        start_epoch: int = 0,
+    ) -> None:
+        """fastai's `fit_one_cycle`, with its schedules on plain floats for one parameter group."""
+        if self.opt is None:
+            self.create_opt()
+        self.opt.set_hyper("lr", self.lr if lr_max is None else lr_max)
+        groups = self.opt.hypers
+        if len(groups) != 1:  # one lr per group: fastai's own array-valued schedules
+            return super().fit_one_cycle(
+                n_epoch, lr_max, div, div_final, pct_start, wd, moms, cbs, reset_opt, start_epoch
+            )
+        lr = float(groups[0]["lr"])
+        scheds = {
+            "lr": OneCycle(pct_start, lr / div, lr, lr / div_final),
+            "mom": OneCycle(pct_start, *(self.moms if moms is None else moms)),
+        }
+        self.fit(
+            n_epoch,
+            cbs=ParamScheduler(scheds) + L(cbs),
+            reset_opt=reset_opt,
+            wd=wd,
+            start_epoch=start_epoch,
+        )
 
     def _set_device(self, batch):
         # TensorDL cuts batches on the data's device already: skip fastai's walk and .to() calls

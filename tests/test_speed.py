@@ -305,3 +305,21 @@ def test_device_losses_equal_fastai_losses():
     assert float(ours[0].value) == pytest.approx((2 * 4 + 1 * 4 + 0.5 * 2) / 10)
     learn = quiet_learner(bs=50)
     assert isinstance(learn.recorder.smooth_loss, DeviceSmoothLoss)
+
+
+def test_one_cycle_equals_fastai_combined_cos_at_every_step():
+    from fastai.callback.schedule import combined_cos
+
+    from cifar100_fit.speed import OneCycle
+
+    for pct_start in (0.1, 0.25, 0.3, 0.5):
+        ours = OneCycle(pct_start, 0.01 / 25, 0.01, 0.01 / 25 / 1e4)
+        theirs = combined_cos(pct_start, 0.01 / 25, 0.01, 0.01 / 25 / 1e4)
+        for step in range(101):
+            # fastai computes the position within a phase in float32: equal to about 1e-6
+            assert ours(step / 100) == pytest.approx(float(theirs(step / 100)), rel=1e-5)
+    learn = quiet_learner(bs=50)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 0.01)
+    moms = combined_cos(0.3, 0.95, 0.85, 0.95)
+    assert learn.recorder.hps["mom"] == pytest.approx([moms(i / 4) for i in range(4)], rel=1e-5)
