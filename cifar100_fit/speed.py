@@ -79,7 +79,12 @@ class QuickEvents:
             cb = QuietProgress()
         if isinstance(cb, Recorder):
             cb.loss, cb.smooth_loss = DeviceAvgLoss(), DeviceSmoothLoss(cb.smooth_loss.beta)
+        self._handlers_key = None
         return super().add_cb(cb)
+
+    def remove_cb(self, cb):
+        self._handlers_key = None
+        return super().remove_cb(cb)
 
     def fit_one_cycle(
         self,
@@ -132,7 +137,8 @@ class QuickEvents:
                 self._call_one(name)
 
     def _call_one(self, event_name: str) -> None:
-        key = tuple(map(id, self.cbs))
+        # add_cb and remove_cb clear the table; the key also catches a replaced or appended list
+        key = (id(self.cbs), len(self.cbs))
         if getattr(self, "_handlers_key", None) != key:
             self._handlers_key, self._handlers = key, {}
         handlers = self._handlers.get(event_name)
