@@ -15,6 +15,7 @@ VALID_SPLITS = ("test", "holdout")
 WANDB_MODES = ("online", "offline", "disabled")
 AUGMENTS = ("crop_flip", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MIXES = ("none", "mixup", "cutmix")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,28 @@ class RunConfig:
         "auto (bf16 autocast on CUDA, fp32 on the CPU), bf16, fp16 or fp32",
         choices=PRECISIONS,
     )
+    mix: str = _flag(
+        "none",
+        "batch mixing: none, mixup or cutmix (fastai's callbacks); off by default, since in a "
+        "30-epoch schedule the network is still underfitting and mixing rarely pays",
+        choices=MIXES,
+    )
+    mix_alpha: float = _flag(
+        1.0, "alpha of the Beta(alpha, alpha) mixing ratio of --mix", low=0, open_low=True
+    )
+    tta: bool = _flag(
+        True, "evaluate on the mean logits of each image and its mirror (flip test-time aug.)"
+    )
+    ema: float = _flag(
+        0.0,
+        "decay per step of an average of the weights used for evaluation and saved; 0 = off",
+        low=0,
+        high=1,
+        open_high=True,
+    )
+    compile: bool = _flag(
+        False, "torch.compile the model; compile time is reported apart from training time"
+    )
     data: str = _flag(
         "", "folder holding cifar-100-python/ (default: $CIFAR100_DATA, else ~/.cache/cifar100_fit)"
     )
@@ -116,6 +139,8 @@ def _checked(spec: dataclasses.Field, value: Any) -> Any:
 
 
 def _converted(name: str, kind: str, value: Any) -> Any:
+    if kind == "bool":
+        return _boolean(name, value)
     if kind == "int":
         # fire hands over 2.0 for "2.0" and True for a bare flag: accept only whole numbers
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -140,6 +165,20 @@ def _converted(name: str, kind: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"--{name} {value!r} is not text")
     return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    # fire gives True for a bare --flag and False for --noflag; YAML and JSON may give text
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ConfigError(
+        f"--{name} {value!r} is not accepted; give true or false (--{name}/--no{name})"
+    )
 
 
 def _check_range(name: str, value: float, given: Any, meta: dict) -> None:

@@ -119,6 +119,8 @@ def summary_line(summary: dict) -> str:
         f"best top-1 {summary['best_accuracy']:.2%}  {summary['epochs']} epochs  "
         f"{summary['wall_s']:.1f} s  saved in {summary['out']}"
     )
+    if summary.get("compile_s"):
+        line = line.replace(" s  saved in", f" s (+{summary['compile_s']:.1f} s compile)  saved in")
     if summary.get("wandb_offline_dir"):
         line += (
             f"  W&B offline run: {summary['wandb_offline_dir']} (upload: wandb sync <that folder>)"

@@ -62,13 +62,15 @@ class WandbLogger(WandbCallback):
       `TypeError: vars() argument must have __dict__ attribute` on fastai 2.8.9-2.8.12 with
       fastcore >= 2.2.22) is skipped.
     - Predictions are not logged as a table: that path needs item-based data sets.
-    - Each step logs the losses and the group-0 lr, mom and wd, not every optimizer setting.
+    - Every `every` steps it logs the losses and the group-0 lr, mom and wd, not every optimizer
+      setting: each log reads the loss off the GPU, a sync that stalls the queue of kernels.
     """
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, every: int = 10, **kwargs: Any):
         kwargs.setdefault("log_preds", False)
         kwargs.setdefault("log_model", False)
         super().__init__(**kwargs)
+        self.every = every
 
     def before_fit(self) -> None:
         self.learn.gather_args = dict  # an empty update: the config went to wandb.init already
@@ -78,11 +80,13 @@ class WandbLogger(WandbCallback):
             del self.learn.gather_args
 
     def after_batch(self) -> None:
-        """Log the training loss and the scheduled lr, mom and wd in one call per step."""
+        """Log the training loss and the scheduled lr, mom and wd, every `every` steps."""
         if not self.training:
             return
         self._wandb_step += 1
         self._wandb_epoch += 1 / self.n_iter
+        if self._wandb_step % self.every:
+            return
         hypers = {k: v for k, v in self.opt.hypers[0].items() if k in ("lr", "mom", "wd")}
         metrics = {
             "epoch": self._wandb_epoch,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelEpochException
-from fastai.learner import Learner, Metric
+from fastai.learner import CastToTensor, Learner, Metric
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
@@ -26,6 +26,13 @@ from .runs import (
     out_folder,
     write_json,
 )
+from .speed import (
+    LeanOptimWrapper,
+    QuickEvents,
+    compile_model,
+    fast_cuda_settings,
+    recipe_callbacks,
+)
 from .tracking import WandbLogger, run_folder
 
 # The study trained with torch's AdamW and OneCycleLR; these keep its optimizer and schedule
@@ -41,12 +48,16 @@ DIV_FINAL = DIV * 1e4
 class SmoothedCrossEntropy(nn.Module):
     """Cross-entropy with label smoothing on plain tensors, with the hooks fastai uses to decode."""
 
+    y_int = True  # integer targets: fastai's mixup/cutmix then mix the losses, not the labels
+
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.reduction = label_smoothing, "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            output, target, label_smoothing=self.label_smoothing, reduction=self.reduction
+        )
 
     def activation(self, output: torch.Tensor) -> torch.Tensor:
         return F.softmax(output, dim=-1)
@@ -95,8 +106,11 @@ class PlainTensors(Callback):
         self.learn.xb, self.learn.yb = (x,), (y,)
 
 
-class CifarLearner(Learner):
-    """A fastai `Learner` whose `fit_one_cycle` defaults follow the study's torch schedule."""
+class CifarLearner(QuickEvents, Learner):
+    """A fastai `Learner` whose `fit_one_cycle` defaults follow the study's torch schedule.
+
+    `QuickEvents` (speed.py) trims fastai's per-step callback cost.
+    """
 
     def fit_one_cycle(
         self,
@@ -123,7 +137,7 @@ class CifarLearner(Learner):
 def adamw(params, lr: float, **kwargs) -> OptimWrapper:
     """torch's AdamW (decoupled weight decay: p <- p - lr*wd*p) wrapped for fastai's schedules."""
     on_cuda = any(p.is_cuda for p in params) if isinstance(params, list) else False
-    return OptimWrapper(
+    return LeanOptimWrapper(
         params,
         torch.optim.AdamW,
         lr=lr,
@@ -164,9 +178,10 @@ def cifar100_learner(
         lr=config.lr,
         wd=config.wd,
         metrics=[TopKAccuracy(1, "accuracy"), TopKAccuracy(5, "top5_accuracy")],
-        cbs=PlainTensors(),
+        cbs=[PlainTensors(), *recipe_callbacks(config)],
         path=config.out or ".",
     )
+    learn.remove_cb(CastToTensor)  # PlainTensors already hands the model plain tensors
     precision = _precision(config.precision, on_cuda)
     if precision != "fp32":
         learn.to_bf16() if precision == "bf16" else learn.to_fp16()
@@ -212,6 +227,9 @@ def fit_run(
     checkpoint, run = start_or_resume(learn, config, out / CHECKPOINT_FILE, **init_kwargs)
     sent = WandbRowSent(checkpoint.first_epoch)
     try:
+        if learn.dls.device.type == "cuda":
+            fast_cuda_settings()
+        compile_s = compile_model(learn, learn_precision(learn)) if config.compile else 0.0
         with sigterm_as_interrupt():
             logging = [WandbLogger(), sent] if run is not None else []
             cbs = [checkpoint, *logging, *(cbs or [])]
@@ -219,6 +237,7 @@ def fit_run(
         if run is None:
             return None
         summary = _summary(learn, config, checkpoint.wall_s, run)
+        summary.update(compile_s=round(compile_s, 2), device=_device_name(learn.dls.device))
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         save_run(learn, config, summary)
     except KeyboardInterrupt:
@@ -232,6 +251,16 @@ def fit_run(
         if run is not None:
             run.finish()
     return summary
+
+
+def learn_precision(learn: Learner) -> str:
+    """The autocast precision `learn` trains in: bf16, fp16 or fp32."""
+    mixed = getattr(learn, "mixed_precision", None)
+    return str(getattr(mixed.amp_mode, "value", mixed.amp_mode)) if mixed else "fp32"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _summary(learn: Learner, config: RunConfig, wall: float, run) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from cifar100_fit.config import FLAGS
         (["--lr", "abc"], "--lr 'abc' is not a number"),
         (["--subset", "0"], "--subset 0 is out of range; accepted: (0, 1]"),
         (["--subset", "1.5"], "--subset 1.5 is out of range"),
-        (["--optimizer", "sgd"], "unknown flag --optimizer for 'fit run'; accepted: --resume, --bs"),
+        (["--optimizer", "sgd"], "unknown flag --optimizer for 'fit run'; accepted: --resume"),
         (["--arch", "vgg11"], "--arch 'vgg11' is not accepted; choose one of"),
     ],
 )
