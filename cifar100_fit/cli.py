@@ -80,18 +80,20 @@ def run(resume: bool = False, **flags: Any) -> None:
         print(summary_line(summary))
 
 
-def evaluate(path: str, tta: bool = False, data: str = "", bs: int = 0) -> None:
+def evaluate(path: str, tta: bool | None = None, data: str = "", bs: int = 0) -> None:
     """Report top-1/top-5 accuracy on the test images of a saved run.
 
     Args:
         path: a run's model.pt (with config.json beside it) or checkpoint.pt
-        tta: also average the predictions of horizontally flipped images
+        tta: --tta averages the logits of each image and its mirror, --notta does not
+            (default: as the run was evaluated)
         data: folder holding cifar-100-python/ (default: the run's --data)
         bs: batch size as in `fit run --bs` (default: the run's); evaluation uses twice it
     """
     from .evaluate import evaluate_file
 
-    print(evaluate_file(path, tta=bool(tta), data=data, bs=int(bs)).line)
+    tta = None if tta is None else bool(tta)
+    print(evaluate_file(path, tta=tta, data=data, bs=int(bs)).line)
 
 
 @_with_run_flags

@@ -167,6 +167,8 @@ class TensorDL(TfmdDL):
         return self._DataLoader__idxs  # the order get_idxs made for this epoch (num_workers=0)
 
     def create_batches(self, samps):
+        if not isinstance(samps, torch.Tensor):  # fastai's DistributedDL hands over a generator
+            samps = [int(index) for index in samps]
         order = torch.as_tensor(samps, dtype=torch.long, device=self.dataset.images.device)
         for start in range(0, len(order), self.bs):
             indices = order[start : start + self.bs]

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from fastai.torch_core import default_device
 
 from .checkpoint import load_checkpoint
@@ -53,10 +52,16 @@ def weights_and_config(path: str | Path) -> tuple[dict, dict]:
     return saved, config
 
 
-def evaluate_file(path: str | Path, tta: bool = False, data: str = "", bs: int = 0) -> Evaluation:
-    """Top-1/top-5 accuracy of the weights in `path` on the run's test images (its --subset)."""
+def evaluate_file(
+    path: str | Path, tta: bool | None = None, data: str = "", bs: int = 0
+) -> Evaluation:
+    """Top-1/top-5 accuracy of the weights in `path` on the run's test images (its --subset).
+
+    `tta` None evaluates as the run did (its `--tta`), so the figures match its last epoch.
+    """
     state, saved_config = weights_and_config(path)
     config = make_config(**{**saved_config, "data": data or saved_config.get("data", "")})
+    tta = config.tta if tta is None else tta
     model = create_model(config.arch)
     try:
         model.load_state_dict(state)
@@ -72,8 +77,8 @@ def evaluate_file(path: str | Path, tta: bool = False, data: str = "", bs: int =
         for images, labels in dls.valid:
             images, labels = images.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)
             scores = model(images)
-            if tta:
-                scores = F.softmax(scores, -1) + F.softmax(model(images.flip(-1)), -1)
+            if tta:  # the mean logits of the image and its mirror, as `FlipTTA` in training
+                scores = (scores + model(images.flip(-1))) / 2
             top5 = scores.topk(5, dim=-1).indices
             correct1 += int((top5[:, 0] == labels).sum())
             correct5 += int((top5 == labels[:, None]).any(-1).sum())
