@@ -20,6 +20,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from fastai.callback import core as core_callbacks
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.progress import ProgressCallback
@@ -28,9 +29,15 @@ from fastai.learner import AvgLoss, AvgSmoothLoss, Learner, Recorder
 from fastai.optimizer import OptimWrapper, set_item_pg
 from fastai.torch_core import find_bs, to_detach
 from fastcore.foundation import L
+from fastcore.xtras import modify_exception
 from torch import nn
 
 from .config import RunConfig
+
+_INNER_LOOP = frozenset(core_callbacks._inner_loop)
+_CANCELS = tuple(
+    getattr(core_callbacks, name) for name in dir(core_callbacks) if name.startswith("Cancel")
+)
 
 
 def _defines(callback: Callback, event_name: str) -> bool:
@@ -149,8 +156,30 @@ class QuickEvents:
                 cb for cb in callbacks if event_name == "after_fit" or _defines(cb, event_name)
             ]
             self._handlers[event_name] = handlers
+        inner = event_name in _INNER_LOOP
+        training = self.training
         for callback in handlers:
-            callback(event_name)
+            if type(callback).__call__ is not Callback.__call__:
+                callback(event_name)
+                continue
+            # What Callback.__call__ does, with `training` read once from the learner rather than
+            # by every callback through fastcore's attribute forwarding
+            wanted = not inner or (callback.run_train if training else callback.run_valid)
+            handles = event_name != "after_fit" or _defines(callback, event_name)
+            if callback.run and wanted and handles:
+                try:
+                    getattr(callback, event_name)()
+                except _CANCELS:
+                    raise
+                except Exception as error:
+                    where = f"in `{type(callback).__name__}` when calling event `{event_name}`"
+                    message = error.args[0] if error.args else ""
+                    # the same exception object, its message extended: no new link in the chain
+                    raise modify_exception(  # noqa: B904
+                        error, f"Exception occured {where}:\n\t{message}", replace=True
+                    )
+            if event_name == "after_fit":
+                callback.run = True  # fastai re-enables every callback at the end of a fit
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):

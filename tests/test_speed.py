@@ -147,6 +147,41 @@ def test_quick_events_call_callbacks_as_fastai_does():
     assert logs[0].count("before_step") == 4
 
 
+class TrainOnlyLog(Callback):
+    """Counts inner-loop events it is given while run_valid is False; switches off after 2 steps."""
+
+    run_valid = False
+
+    def before_fit(self) -> None:
+        self.events = []
+
+    def after_batch(self) -> None:
+        self.events.append(("after_batch", self.training))
+        if len(self.events) == 2:
+            self.run = False  # fastai then skips this callback until the fit ends
+
+
+class Boom(Callback):
+    def before_batch(self) -> None:
+        raise ValueError("broken callback")
+
+
+def test_quick_events_honour_run_valid_run_and_wrap_errors_as_fastai_does():
+    learn = quiet_learner(bs=50)
+    fastai_learn = Learner(learn.dls, small_model(), loss_func=learn.loss_func, cbs=PlainTensors())
+    logs = []
+    for learner in (learn, fastai_learn):
+        log = TrainOnlyLog()
+        with learner.no_bar(), learner.no_logging():
+            learner.fit(1, cbs=log)
+        logs.append(log.events)
+        assert log.run  # re-enabled at the end of the fit
+    assert logs[0] == logs[1] == [("after_batch", True)] * 2
+    failing = pytest.raises(ValueError, match="in `Boom` when calling event `before_batch`")
+    with failing, learn.no_bar(), learn.no_logging():
+        learn.fit(1, cbs=Boom())
+
+
 def test_quiet_progress_replaces_fastai_bar_also_after_no_bar():
     learn = quiet_learner(bs=50)
     assert isinstance(learn.progress, QuietProgress)
