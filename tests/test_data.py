@@ -1,3 +1,4 @@
+import functools
 import hashlib
 import http.server
 import os
@@ -82,7 +83,7 @@ def test_wrong_shapes_and_labels_are_reported(tmp_path):
 
 
 def _serve(folder: Path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=folder, **k)  # noqa: E731
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
