@@ -77,20 +77,20 @@ def sweep_markdown(state: dict[str, Any], top: int = 10) -> str:
         ]
         for t in trials[:top]
     ]
-    counts = _status_counts(state)
-    lines = [
-        f"# Sweep {state['name']}",
-        "",
-        f"{config['method']} search, {metric} ({goal}); trials: {counts}.",
-        f"Flags shared by every trial: {_flags(state['flags'])}.",
-        "",
-        markdown_table(header, rows) if rows else "No finished trial yet.",
-    ]
     failed = [t for t in state["trials"] if t["status"] == FAILED]
-    if failed:
-        lines += ["", "Failed trials:", ""]
-        lines += [f"- {t['name']} {_params(t['params'])}: {t.get('error', '')}" for t in failed]
-    return "\n".join(lines) + "\n"
+    notes = ["", "Failed trials:", ""] if failed else []
+    notes += [f"- {t['name']} {_params(t['params'])}: {t.get('error', '')}" for t in failed]
+    return _document(
+        f"# Sweep {state['name']}",
+        f"{config['method']} search, {metric} ({goal}); trials: {_status_counts(state)}.",
+        f"Flags shared by every trial: {_flags(state['flags'])}.",
+        markdown_table(header, rows) if rows else "No finished trial yet.",
+        notes,
+    )
+
+
+def _document(title: str, summary: str, flags: str, table: str, notes: list[str]) -> str:
+    return "\n".join([title, "", summary, flags, "", table, *notes]) + "\n"
 
 
 def _status_counts(state: dict[str, Any]) -> str:
@@ -128,17 +128,14 @@ def repeat_markdown(state: dict[str, Any]) -> str:
         for setting, values in repeat_settings(state).items()
     ]
     header = ["setting", "runs", "mean", "std", "min", "max"]
-    lines = [
+    failed = [t for t in state["trials"] if t["status"] == FAILED]
+    return _document(
         f"# Repeat {state['name']}",
-        "",
         f"Final top-1 accuracy over seeds 0..N-1; trials: {_status_counts(state)}.",
         f"Flags shared by every run: {_flags(state['flags'])}.",
-        "",
         markdown_table(header, rows) if rows else "No finished run yet.",
-    ]
-    failed = [t for t in state["trials"] if t["status"] == FAILED]
-    lines += [f"- failed: {t['name']}: {t.get('error', '')}" for t in failed]
-    return "\n".join(lines) + "\n"
+        [f"- failed: {t['name']}: {t.get('error', '')}" for t in failed],
+    )
 
 
 def _pyplot():

@@ -72,8 +72,9 @@ def _cos(start: float, end: float, pos: float) -> float:
 class QuickEvents:
     """A `Learner` mixin that calls, for each event, only the callbacks that handle it.
 
-    The table of handlers is rebuilt whenever the list of callbacks changes; each call still goes
-    through `Callback.__call__`, so `run`, `run_train` and `run_valid` keep their meaning.
+    The table of handlers is rebuilt whenever the list of callbacks changes. Each call does what
+    `Callback.__call__` does (`run`, `run_train`, `run_valid`, fastai's error message), reading
+    the learner's `training` flag once per event; a callback with its own `__call__` keeps it.
     fastai's progress bar is swapped for `QuietProgress` whenever it is added (also by `no_bar`).
     NOTE: a handler must be a method of the callback's class or instance, as fastai's all are; one
     served by a `__getattr__` is not seen.
