@@ -26,6 +26,7 @@ from fastai.callback.wandb import WandbCallback
 from fastai.learner import Learner
 
 from .config import RunConfig
+from .model import unwrapped
 from .runs import (
     CheckpointError,
     atomic_write,
@@ -48,13 +49,6 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, out: Path, epochs_done: int, epochs: int):
         super().__init__(out, epochs_done, epochs)
         self.out, self.epochs_done, self.epochs = out, epochs_done, epochs
-
-
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (or the model itself)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -49,3 +49,10 @@ def create_model(arch: str = "resnet18_cifar", num_classes: int = 100) -> nn.Mod
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} is not accepted; choose one of: {', '.join(ARCHS)}")
     return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (or the model itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

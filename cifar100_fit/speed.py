@@ -30,7 +30,6 @@ from fastai.optimizer import OptimWrapper, set_item_pg
 from fastai.torch_core import find_bs, to_detach
 from fastcore.foundation import L
 from fastcore.xtras import modify_exception
-from torch import nn
 
 from .config import RunConfig
 
@@ -369,8 +368,3 @@ def _run_every_shape(learn: Learner, precision: str) -> None:
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
         model.train()
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The module whose `state_dict` has the plain parameter names."""
-    return getattr(model, "_orig_mod", model)

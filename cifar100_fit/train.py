@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig, make_config
 from .data import Cifar100, cifar100_dls, load_cifar100
-from .model import create_model
+from .model import create_model, unwrapped
 from .runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -284,7 +284,7 @@ def _summary(learn: Learner, config: RunConfig, wall: float, run) -> dict[str, A
 def save_run(learn: Learner, config: RunConfig, summary: dict[str, Any]) -> None:
     """Write the weights (`model.pt`), then `summary.json`, into the run folder."""
     out = Path(config.out)
-    model = getattr(learn.model, "module", learn.model)  # the model inside DDP
+    model = unwrapped(learn.model)
     atomic_write(out / WEIGHTS_FILE, lambda path: torch.save(model.state_dict(), path))
     write_json(out / SUMMARY_FILE, summary)
     # a finished run is never resumed: its checkpoint (model, optimizer, RNG) is dead weight
